@@ -1,0 +1,1 @@
+"""The ClientApp and everything a site runs: data, feature cache, local training."""

@@ -1,0 +1,139 @@
+"""Where the trainable part's inputs come from: the cache, or the backbone live.
+
+``CachedFeatures`` holds the trunk's output for every image and view, read
+from (or written to) the feature cache once. ``LiveFeatures`` runs the frozen
+trunk on every batch of every epoch: the plain way, kept for comparison
+(``cache-features=false``). Both count the images they pass through the trunk.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torchvision.transforms import v2
+
+from client.feature_cache import FeatureCache
+from client.site_data import Split
+from common.features import extract_features
+from common.model import SplitModel
+from common.preprocessing import to_uint8_nchw
+
+__all__ = ["FeatureSource", "CachedFeatures", "LiveFeatures", "build_feature_source", "augment"]
+
+log = logging.getLogger(__name__)
+
+AUGMENTATION = "random-resized-crop(0.6-1.0)+hflip"
+
+
+def _augmenter(size: tuple[int, int]) -> v2.Compose:
+    return v2.Compose([v2.RandomResizedCrop(size, scale=(0.6, 1.0), antialias=True), v2.RandomHorizontalFlip()])
+
+
+def augment(images: torch.Tensor | list[torch.Tensor], *, seed: int | None = None) -> list[torch.Tensor] | torch.Tensor:
+    """One random augmentation per image (deterministic when ``seed`` is given)."""
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        if isinstance(images, torch.Tensor):
+            batch = to_uint8_nchw(images)
+            aug = _augmenter(tuple(batch.shape[-2:]))
+            return torch.stack([aug(img) for img in batch])
+        return [_augmenter(tuple(img.shape[-2:]))(img) for img in images]
+
+
+class FeatureSource:
+    """Inputs for the trainable part, by example index and view."""
+
+    num_views: int = 1
+    forwards: int = 0
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def get(self, index: torch.Tensor, views: torch.Tensor | None = None) -> torch.Tensor:
+        """Trainable-part inputs for examples ``index`` (view 0 when ``views`` is None)."""
+        raise NotImplementedError
+
+
+class CachedFeatures(FeatureSource):
+    """All views of a split's trunk outputs, held in memory after one cache lookup each."""
+
+    def __init__(self, views: list[torch.Tensor], *, forwards: int, hits: int) -> None:
+        self.views = torch.stack(views)
+        self.num_views = len(views)
+        self.forwards = forwards
+        self.hits = hits
+
+    def __len__(self) -> int:
+        return self.views.shape[1]
+
+    def get(self, index: torch.Tensor, views: torch.Tensor | None = None) -> torch.Tensor:
+        if views is None:
+            return self.views[0, index]
+        return self.views[views, index]
+
+
+class LiveFeatures(FeatureSource):
+    """Runs the trunk on each requested batch; augmented views are drawn afresh."""
+
+    def __init__(self, model: SplitModel, split: Split, *, augment_views: int) -> None:
+        self.model = model
+        self.split = split
+        self.num_views = augment_views + 1
+        self.forwards = 0
+        self.hits = 0
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def get(self, index: torch.Tensor, views: torch.Tensor | None = None) -> torch.Tensor:
+        images = self.split.images
+        batch = images[index] if isinstance(images, torch.Tensor) else [images[i] for i in index.tolist()]
+        if views is not None and bool((views > 0).any()):
+            augmented = augment(batch)
+            mask = (views > 0).tolist()
+            if isinstance(batch, torch.Tensor):
+                batch = to_uint8_nchw(batch).clone()
+                batch[views > 0] = augmented[views > 0]
+            else:
+                batch = [a if m else b for a, b, m in zip(augmented, batch, mask)]
+        self.forwards += len(index)
+        return extract_features(self.model.trunk, self.model.preprocessing, batch)
+
+
+def build_feature_source(
+    model: SplitModel,
+    split: Split,
+    *,
+    cache: FeatureCache | None,
+    augment_views: int,
+    seed: int,
+    label: str,
+) -> FeatureSource:
+    """A cached source (one lookup per view) when ``cache`` is given, else a live one."""
+    if cache is None:
+        return LiveFeatures(model, split, augment_views=augment_views)
+    fingerprint = split.fingerprint()
+    base = {
+        "weights_sha256": model.weights_sha256,
+        "cut": model.cut_id,
+        "preprocessing": model.preprocessing.describe(),
+        "data_sha256": fingerprint,
+    }
+    views, forwards, hits = [], 0, 0
+    for view in range(augment_views + 1):
+        parts = dict(base, view=view)
+        if view:
+            parts.update(augmentation=AUGMENTATION, augmentation_seed=seed)
+
+        def compute(view: int = view) -> torch.Tensor:
+            images = split.images if view == 0 else augment(split.images, seed=seed * 1009 + view)
+            log.info("%s: computing backbone features for %d images (view %d)", label, len(split), view)
+            return extract_features(model.trunk, model.preprocessing, images, description=label)
+
+        lookup = cache.get_or_compute(parts, len(split), compute)
+        views.append(lookup.features)
+        forwards += lookup.forwards
+        hits += int(lookup.hit)
+    return CachedFeatures(views, forwards=forwards, hits=hits)

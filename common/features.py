@@ -1,0 +1,55 @@
+"""Running the frozen trunk over images, in batches, counting every forward pass."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from common.preprocessing import Preprocessing
+
+__all__ = ["extract_features"]
+
+log = logging.getLogger(__name__)
+
+
+def _batch(images: torch.Tensor | Sequence[torch.Tensor], start: int, stop: int, pre: Preprocessing) -> torch.Tensor:
+    if isinstance(images, torch.Tensor):
+        return pre(images[start:stop])
+    return torch.cat([pre(img.unsqueeze(0)) for img in images[start:stop]])
+
+
+@torch.inference_mode()
+def extract_features(
+    trunk: nn.Module,
+    preprocessing: Preprocessing,
+    images: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    batch_size: int = 256,
+    description: str = "features",
+) -> torch.Tensor:
+    """Trunk outputs for ``images`` (uint8, one batch tensor or a list of single images).
+
+    Each image passes through the trunk exactly once; the caller counts
+    ``len(images)`` forward passes.
+    """
+    trunk.eval()
+    n = len(images)
+    outputs = []
+    started = time.monotonic()
+    last_report = started
+    for start in range(0, n, batch_size):
+        stop = min(n, start + batch_size)
+        outputs.append(trunk(_batch(images, start, stop, preprocessing)).float())
+        now = time.monotonic()
+        if now - last_report > 10:
+            log.info("%s: %d/%d images through the backbone (%.0f img/s)", description, stop, n, stop / (now - started))
+            last_report = now
+    if not outputs:
+        return torch.empty(0)
+    features = torch.cat(outputs)
+    log.debug("%s: %d images in %.1f s", description, n, time.monotonic() - started)
+    return features

@@ -1,0 +1,147 @@
+"""The split model: a frozen trunk, and the trainable part (open stages + head).
+
+``build_split_model`` is the one place that decides what is trainable. The
+optimizer, Opacus and the parameter exchange all draw from
+:func:`trainable_parameters` of the returned ``trainable`` module, so they can
+never disagree about the set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from common.backbones import BackboneSpec, get_backbone_spec
+from common.config import RunConfig
+from common.errors import ConfigError
+from common.heads import build_head, describe_head
+from common.preprocessing import Preprocessing, build_preprocessing
+from common.weights import load_pretrained_state
+
+__all__ = ["SplitModel", "TrainablePart", "build_split_model", "trainable_parameters", "state_sha256"]
+
+log = logging.getLogger(__name__)
+
+
+class TrainablePart(nn.Module):
+    """The open backbone stages followed by the head: everything that learns."""
+
+    def __init__(self, open_stages: list[nn.Module], head: nn.Module) -> None:
+        super().__init__()
+        self.open_stages = nn.Sequential(*open_stages)
+        self.head = head
+
+    def forward(self, trunk_output: torch.Tensor) -> torch.Tensor:
+        return self.head(self.open_stages(trunk_output))
+
+    def train(self, mode: bool = True) -> "TrainablePart":
+        """Train mode for the head; normalisation layers keep their pretrained statistics."""
+        super().train(mode)
+        for module in self.open_stages.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+        return self
+
+
+@dataclass
+class SplitModel:
+    """A backbone cut at ``cut`` stages, with its preprocessing and identity."""
+
+    spec: BackboneSpec
+    trunk: nn.Module
+    trainable: TrainablePart
+    preprocessing: Preprocessing
+    weights_sha256: str
+    cut: int
+    num_stages: int
+    head_layout: dict
+
+    @property
+    def cut_id(self) -> str:
+        """Names the cache point: which stage's output the trunk produces."""
+        return f"{self.spec.name}:stage{self.cut}of{self.num_stages}"
+
+    def full_model(self) -> nn.Module:
+        """Trunk and trainable part as one module, for export and centralised use."""
+        return nn.Sequential(self.trunk, self.trainable)
+
+
+def trainable_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The named parameters that require gradients, in a stable order."""
+    return [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+
+
+def state_sha256(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over a state dict's names, shapes and bytes (order-independent)."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _disable_inplace(module: nn.Module) -> None:
+    for sub in module.modules():
+        if hasattr(sub, "inplace") and isinstance(sub.inplace, bool):
+            sub.inplace = False
+
+
+def build_split_model(cfg: RunConfig, *, head_seed: int | None = None) -> SplitModel:
+    """Build the backbone named in ``cfg``, load its weights and cut it.
+
+    Pretrained weights resolve through :mod:`common.weights`; with
+    ``pretrained=false`` the backbone is randomly initialised from ``cfg.seed``
+    (identically at every site). The head is initialised from ``head_seed``
+    (default ``cfg.seed``).
+    """
+    spec = get_backbone_spec(cfg.backbone)
+    preprocessing = build_preprocessing(spec, cfg.image_size)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = spec.build()
+    if cfg.pretrained:
+        state, weights_sha256 = load_pretrained_state(spec, cfg.weights_file)
+        model.load_state_dict(state, strict=True)
+    else:
+        weights_sha256 = "random-init:" + state_sha256(model.state_dict())
+    stages = spec.split(model)
+    if cfg.unfreeze_blocks >= len(stages):
+        raise ConfigError(
+            f"'unfreeze-blocks' = {cfg.unfreeze_blocks}: backbone '{spec.name}' has "
+            f"{len(stages)} stages; choose 0..{len(stages) - 1}"
+        )
+    cut = len(stages) - cfg.unfreeze_blocks
+    trunk = nn.Sequential(*stages[:cut])
+    for p in trunk.parameters():
+        p.requires_grad_(False)
+    trunk.eval()
+    open_stages = stages[cut:]
+    for stage in open_stages:
+        _disable_inplace(stage)
+        for module in stage.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                for p in module.parameters(recurse=False):
+                    p.requires_grad_(False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed if head_seed is None else head_seed)
+        head = build_head(cfg.head, spec.feature_dim, cfg.num_classes, hidden=cfg.head_hidden)
+    trainable = TrainablePart(open_stages, head)
+    n_params = sum(p.numel() for _, p in trainable_parameters(trainable))
+    log.debug("built %s cut at %d/%d: %d trainable parameters", spec.name, cut, len(stages), n_params)
+    return SplitModel(
+        spec=spec,
+        trunk=trunk,
+        trainable=trainable,
+        preprocessing=preprocessing,
+        weights_sha256=weights_sha256,
+        cut=cut,
+        num_stages=len(stages),
+        head_layout=describe_head(cfg.head, spec.feature_dim, cfg.num_classes, hidden=cfg.head_hidden),
+    )

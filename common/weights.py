@@ -1,0 +1,156 @@
+"""Resolving, verifying and staging backbone weights.
+
+Weights come through torchvision's own API: its weights enum names the
+release file, torch's hub cache (``$TORCH_HOME/hub/checkpoints``) is looked in
+first, and a download is tried only when no file is there. An air-gapped site
+stages the file into that cache (``fedhead weights stage FILE``) or names it
+with ``weights-file``. Every file is checked against the sha256 prefix that
+torchvision puts in its release name, and identified by its full sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from common.backbones import BackboneSpec, get_backbone_spec, list_backbones
+from common.errors import WeightsError
+
+__all__ = [
+    "sha256_file",
+    "hub_checkpoint_dir",
+    "expected_filename",
+    "resolve_weights_file",
+    "load_pretrained_state",
+    "stage_weights_file",
+]
+
+log = logging.getLogger(__name__)
+
+_HASH_IN_NAME = re.compile(r"-([0-9a-f]{6,64})\.\w+$")
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes (memoised on path, size and mtime)."""
+    st = os.stat(path)
+    return _sha256_cached(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@lru_cache(maxsize=64)
+def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def hub_checkpoint_dir() -> Path:
+    """Where torchvision looks for downloaded weights (``torch.hub.get_dir()/checkpoints``)."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def expected_filename(spec: BackboneSpec) -> str:
+    """The release file name torchvision uses for ``spec``'s weights."""
+    return spec.weights.url.rsplit("/", 1)[-1]
+
+
+def _check_hash_prefix(path: Path, release_name: str) -> str:
+    digest = sha256_file(path)
+    match = _HASH_IN_NAME.search(release_name)
+    if match and not digest.startswith(match.group(1)):
+        raise WeightsError(
+            f"weights file {path} has sha256 {digest[:12]}..., but the release "
+            f"'{release_name}' has sha256 starting {match.group(1)}; the file is "
+            f"corrupt or another release. Stage the right file with "
+            f"`fedhead weights stage FILE`."
+        )
+    return digest
+
+
+def resolve_weights_file(spec: BackboneSpec, weights_file: str = "", *, allow_download: bool = True) -> Path:
+    """Find the verified weights file for ``spec``.
+
+    Order: an explicit ``weights_file``; torch's hub cache under the release
+    name; a download through torchvision (where the network allows).
+    """
+    release = expected_filename(spec)
+    if weights_file:
+        path = Path(weights_file).expanduser()
+        if not path.is_file():
+            raise WeightsError(
+                f"weights-file '{weights_file}' does not exist; give the path of "
+                f"{release}, or stage it with `fedhead weights stage FILE`"
+            )
+        _check_hash_prefix(path, release)
+        return path
+    cached = hub_checkpoint_dir() / release
+    if not cached.is_file() and allow_download:
+        try:
+            log.info("downloading %s weights (%s) through torchvision", spec.name, release)
+            spec.weights.get_state_dict(progress=False, check_hash=True)
+        except Exception as exc:  # network errors come in many types; all mean "not here"
+            log.debug("download of %s failed: %s", release, exc)
+    if not cached.is_file():
+        raise WeightsError(
+            f"no weights for backbone '{spec.name}': {release} is not in torch's hub "
+            f"cache ({hub_checkpoint_dir()}) and could not be downloaded. Provision it "
+            f"with `fedhead weights stage PATH/TO/{release}`, set run-config "
+            f"weights-file=PATH, or use pretrained=false for a random backbone."
+        )
+    _check_hash_prefix(cached, release)
+    return cached
+
+
+def load_pretrained_state(spec: BackboneSpec, weights_file: str = "") -> tuple[dict, str]:
+    """Load ``spec``'s pretrained state dict; return it with the file's sha256."""
+    path = resolve_weights_file(spec, weights_file)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for unreadable archives
+        raise WeightsError(
+            f"cannot read weights file {path} ({exc}); re-stage it with `fedhead weights stage FILE`"
+        ) from exc
+    return state, sha256_file(path)
+
+
+def stage_weights_file(source: str | os.PathLike, backbone: str | None = None) -> Path:
+    """Copy a weights file into torch's hub cache under its release name, after checking it.
+
+    The backbone is found from the file name when not given. Returns the staged path.
+    """
+    src = Path(source).expanduser()
+    if not src.is_file():
+        raise WeightsError(f"'{source}' is not a file; give the path of a downloaded weights file")
+    candidates = [get_backbone_spec(backbone)] if backbone else [get_backbone_spec(n) for n in list_backbones()]
+    matches = [s for s in candidates if expected_filename(s) == src.name]
+    if not matches:
+        known = ", ".join(f"{s.name}: {expected_filename(s)}" for s in candidates)
+        raise WeightsError(
+            f"'{src.name}' is not a release file fedhead knows; expected one of: {known}"
+        )
+    spec = matches[0]
+    _check_hash_prefix(src, expected_filename(spec))
+    try:
+        state = torch.load(src, map_location="cpu", weights_only=True)
+        spec.build().load_state_dict(state, strict=True)
+    except Exception as exc:  # unreadable archive or wrong architecture
+        raise WeightsError(f"'{src}' does not load into {spec.name}: {exc}") from exc
+    dest_dir = hub_checkpoint_dir()
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    dest = dest_dir / expected_filename(spec)
+    if dest.is_file() and sha256_file(dest) == sha256_file(src):
+        log.info("%s is already staged at %s", src.name, dest)
+        return dest
+    tmp = dest.with_suffix(dest.suffix + ".tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dest)
+    log.info("staged %s for %s at %s", src.name, spec.name, dest)
+    return dest

@@ -1,0 +1,1 @@
+"""The ServerApp: strategy assembly, reply checks, the run folder."""

@@ -1,0 +1,62 @@
+"""PNG figures of a run: accuracy and loss per round, final accuracy per site."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+__all__ = ["write_plots"]
+
+
+def _series(history: list[dict[str, Any]], section: str, metric: str) -> tuple[list[int], list[float]]:
+    xs, ys = [], []
+    for record in history:
+        value = (record.get(section) or {}).get(metric)
+        if isinstance(value, (int, float)):
+            xs.append(record["round"])
+            ys.append(value)
+    return xs, ys
+
+
+def write_plots(history: list[dict[str, Any]], out_dir: Path, *, title: str) -> list[Path]:
+    """Write ``accuracy.png``, ``loss.png`` and ``sites.png``; return their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for metric in ("accuracy", "loss"):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for section, label in (("central_eval", "held-out test set"), ("federated_eval", "sites' validation (weighted)")):
+            xs, ys = _series(history, section, metric)
+            if xs:
+                ax.plot(xs, ys, marker="o", label=label)
+        ax.set_xlabel("round")
+        ax.set_ylabel(metric)
+        ax.set_title(f"{title}: {metric} per round")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        path = out_dir / f"{metric}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    last = next((r for r in reversed(history) if r.get("sites")), None)
+    if last:
+        names = sorted(last["sites"])
+        accs = [((last["sites"][n].get("eval") or {}).get("accuracy") or 0.0) for n in names]
+        fig, ax = plt.subplots(figsize=(max(4, 1 + 0.8 * len(names)), 4))
+        ax.bar(names, accs, color="tab:blue")
+        for i, acc in enumerate(accs):
+            ax.text(i, acc, f"{100 * acc:.1f}%", ha="center", va="bottom")
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("accuracy on the site's validation split")
+        ax.set_title(f"{title}: per site, round {last['round']}")
+        fig.tight_layout()
+        path = out_dir / "sites.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written

@@ -1,0 +1,1 @@
+"""The researcher's bench: datasets, partitions, `fedhead simulate`, benchmarks."""
