@@ -104,7 +104,7 @@ def train_locally(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += float(loss) * len(index)
+            total += loss.item() * len(index)
             seen += len(index)
         train_loss = total / max(seen, 1)
         epochs_run = epoch + 1

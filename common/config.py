@@ -160,14 +160,14 @@ def build_run_config(run_config: Mapping[str, Any] | None = None, **overrides: A
             values[name] = _coerce(key, value, default)
         except (TypeError, ValueError) as exc:
             problems.append(f"'{key}' = {value!r} is not valid: {exc}")
+    config = RunConfig(**values)
+    problems.extend(_problems(config))
     if problems:
         raise ConfigError("invalid run config:\n  - " + "\n  - ".join(problems))
-    config = RunConfig(**values)
-    _validate(config)
     return config
 
 
-def _validate(cfg: RunConfig) -> None:
+def _problems(cfg: RunConfig) -> list[str]:
     problems: list[str] = []
 
     def need(ok: bool, message: str) -> None:
@@ -213,5 +213,4 @@ def _validate(cfg: RunConfig) -> None:
     )
     need(bool(cfg.run_dir), "'run-dir' is empty: give a folder for run outputs")
     need(bool(cfg.cache_dir), "'cache-dir' is empty: give a folder for the feature cache")
-    if problems:
-        raise ConfigError("invalid run config:\n  - " + "\n  - ".join(problems))
+    return problems

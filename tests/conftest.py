@@ -1,0 +1,42 @@
+"""Shared fixtures: small real data (scikit-learn digits) and real models."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from common.config import build_run_config
+
+
+@pytest.fixture(scope="session")
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1,797 8x8 digits as uint8 images (0-255) and int64 labels."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    images = np.clip(np.rint(data.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    return images, data.target.astype(np.int64)
+
+
+@pytest.fixture
+def digits_npz(tmp_path, digits):
+    """A site's MedMNIST-style .npz of 1,000 training and 300 validation digits."""
+    images, labels = digits
+    path = tmp_path / "site.npz"
+    np.savez(path, train_images=images[:1000], train_labels=labels[:1000], val_images=images[1000:1300], val_labels=labels[1000:1300])
+    return path
+
+
+@pytest.fixture
+def digits_cfg():
+    """A run config for digits at 32 px with the pretrained MobileNetV2."""
+    return build_run_config(classes=",".join(str(d) for d in range(10)), image_size=32, local_epochs=5, lr=0.01)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_torch_threads():
+    torch.set_num_threads(2)
+    logging.getLogger("flwr").setLevel(logging.WARNING)

@@ -1,0 +1,119 @@
+"""End to end: `fedhead simulate` drives a real SuperLink and `flwr run` on small real data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from simulations.runner import run_simulation
+
+pytestmark = pytest.mark.slow
+
+DIGITS = {
+    "dataset": "digits",
+    "image-size": 48,
+    "num-server-rounds": 3,
+    "local-epochs": 5,
+    "lr": 0.01,
+    "partitioner": "iid",
+}
+
+
+@pytest.fixture(scope="module")
+def cached_run(tmp_path_factory):
+    """Three digit sites, features cached, pretrained MobileNetV2."""
+    root = tmp_path_factory.mktemp("sim")
+    result = run_simulation(num_sites=3, name="cached", overrides={**DIGITS, "run-dir": str(root / "runs")}, state_dir=root / "state")
+    return result
+
+
+def test_run_learns_well_above_chance(cached_run):
+    summary = cached_run.summary
+    assert summary["status"] == "finished" and summary["rounds_completed"] == 3
+    assert summary["evaluated_on"] == "held-out test set"
+    assert summary["accuracy"] > 0.8  # chance is 0.1
+    assert summary["macro_f1"] > 0.75
+
+
+def test_run_folder_holds_what_design_promises(cached_run):
+    root = cached_run.run_dir
+    for name in ("config.json", "metrics.jsonl", "summary.json", "model/head.safetensors", "model/manifest.json", "model/model.pt2"):
+        assert (root / name).is_file(), name
+    assert sorted(p.name for p in (root / "plots").glob("*.png")) == ["accuracy.png", "loss.png", "sites.png"]
+    config = json.loads((root / "config.json").read_text())
+    assert config["weights_sha256"].startswith("b0353104") and config["versions"]["flwr"].startswith("1.42")
+    rounds = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3]
+    last = rounds[-1]
+    assert sorted(last["sites"]) == ["site-0", "site-1", "site-2"]
+    for site in last["sites"].values():
+        assert set(site["eval"]) == {"loss", "accuracy", "precision", "recall", "f1", "auroc"}
+    assert set(last["federated_eval"]) == {"loss", "accuracy", "precision", "recall", "f1", "auroc"}
+
+
+def test_only_the_head_travels(cached_run):
+    b = cached_run.summary["bytes"]
+    assert b["head_parameter_bytes"] == (1280 * 10 + 10) * 4
+    assert b["head_parameter_bytes"] <= b["max_train_bytes_to_site"] <= b["head_parameter_bytes"] + 1024
+    assert b["fraction_of_full_model"] <= 0.01
+
+
+def test_backbone_runs_once_per_image_with_the_cache(cached_run):
+    fwd = cached_run.summary["backbone_forwards"]
+    manifest = json.loads((cached_run.run_dir / "config.json").read_text())["run_config"]
+    sites = json.loads((Path(manifest["partitions-dir"]) / "manifest.json").read_text())["sites"]
+    for site in sites:
+        counts = fwd["by_site"][site["site"]]
+        assert counts == {"train": site["train"], "eval": site["val"]}
+    assert fwd["server_eval"] == 359
+    assert fwd["cache_hits"] > 0
+
+
+def test_exported_model_predicts_without_fedhead(cached_run):
+    """model.pt2 loads with plain torch in a fresh interpreter that never imports fedhead."""
+    from sklearn.datasets import load_digits
+
+    images = np.clip(np.rint(load_digits().images[:200] * (255 / 16)), 0, 255).astype(np.uint8)
+    x = torch.nn.functional.interpolate(torch.from_numpy(images).float().div(255).unsqueeze(1), size=(48, 48), mode="bilinear", antialias=True)
+    x = x.expand(-1, 3, -1, -1).contiguous()
+    np.save(cached_run.run_dir / "probe.npy", x.numpy())
+    code = (
+        "import sys, numpy as np, torch\n"
+        "m = torch.export.load(sys.argv[1] + '/model/model.pt2').module()\n"
+        "x = torch.from_numpy(np.load(sys.argv[1] + '/probe.npy'))\n"
+        "print(m(x).argmax(1).tolist())\n"
+        "assert not any(k.split('.')[0] in ('common', 'client', 'server', 'simulations') for k in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(cached_run.run_dir)], capture_output=True, text=True, cwd="/", check=True)
+    predictions = json.loads(out.stdout)
+    labels = load_digits().target[:200]
+    assert np.mean(np.array(predictions) == labels) > 0.8
+
+
+def test_without_cache_forwards_scale_with_rounds_and_epochs(tmp_path):
+    overrides = {**DIGITS, "num-server-rounds": 2, "local-epochs": 2, "cache-features": False, "run-dir": str(tmp_path / "runs")}
+    result = run_simulation(num_sites=2, name="nocache", overrides=overrides, state_dir=tmp_path / "state")
+    fwd = result.summary["backbone_forwards"]
+    train_images = result.summary["backbone_forwards"]["train_images_by_site"]
+    for site, n in train_images.items():
+        assert fwd["by_site"][site]["train"] == n * 2 * 2  # rounds x epochs
+    assert fwd["cache_hits"] == 0
+    assert result.summary["accuracy"] > 0.5
+
+
+def test_cli_refuses_a_bad_config_with_one_clear_line():
+    out = subprocess.run(
+        [sys.executable, "-m", "simulations.cli", "simulate", "--run-config", "strategy='fedsgd'"],
+        capture_output=True, text=True,
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "fedhead: invalid run config:",
+        "fedhead: - 'strategy' = 'fedsgd': choose one of fedavg, fedprox, fedadam, fedyogi, fedmedian, fedtrimmedavg, krum",
+    ]
