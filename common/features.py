@@ -24,7 +24,7 @@ def _batch(images: torch.Tensor | Sequence[torch.Tensor], start: int, stop: int,
     return batch.contiguous(memory_format=torch.channels_last)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def extract_features(
     trunk: nn.Module,
     preprocessing: Preprocessing,

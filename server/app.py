@@ -83,7 +83,9 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
         )
         completed = [r for r in round_log.history if r["round"] > 0 and r["aggregated_sites"]]
         if not completed:
-            error = "no round aggregated any site's update; see metrics.jsonl for each site's failure"
+            reasons = [f["reason"] for r in round_log.history for f in r["failed"]]
+            reasons += [p for r in round_log.history for ps in r["rejected_sites"].values() for p in ps]
+            error = "no round aggregated any site's update" + (f"; first problem: {reasons[0]}" if reasons else "")
         else:
             status = "finished"
             load_arrayrecord(model.trainable, result.arrays)

@@ -7,6 +7,7 @@ import math
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 
 from common.exchange import Layout, validate_arrays
+from server.round_log import short_reason
 
 __all__ = ["check_train_reply", "check_evaluate_reply", "reply_site"]
 
@@ -37,7 +38,7 @@ def _check_metrics(msg: Message, problems: list[str]) -> MetricRecord | None:
 def check_train_reply(msg: Message, layout: Layout, expected_sha256: str) -> list[str]:
     """Every problem with a training reply: its records, its arrays, its backbone."""
     if msg.has_error():
-        return [f"site failed: {msg.error.reason}"]
+        return [f"site failed: {short_reason(msg.error.reason)}"]
     problems: list[str] = []
     metrics = _check_metrics(msg, problems)
     if metrics is not None and metrics.get("num-examples") == 0:
@@ -56,7 +57,7 @@ def check_train_reply(msg: Message, layout: Layout, expected_sha256: str) -> lis
 def check_evaluate_reply(msg: Message) -> list[str]:
     """Every problem with an evaluation reply."""
     if msg.has_error():
-        return [f"site failed: {msg.error.reason}"]
+        return [f"site failed: {short_reason(msg.error.reason)}"]
     problems: list[str] = []
     _check_metrics(msg, problems)
     if msg.content.array_records:

@@ -23,6 +23,13 @@ __all__ = ["RoundLog"]
 log = logging.getLogger(__name__)
 
 
+def short_reason(reason: str, limit: int = 400) -> str:
+    """The informative tail of a failure reason (Flower wraps the site's exception in a traceback)."""
+    text = reason.split("Message:", 1)[-1] if "Message:" in reason else reason
+    text = " ".join(text.replace("\x1b", "").split()).strip(" '>")
+    return text if len(text) <= limit else "..." + text[-limit:]
+
+
 def _clean(value: Any) -> Any:
     """JSON-safe: NaN and inf become null."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -61,7 +68,7 @@ class RoundLog:
         rnd = self.rounds[server_round]
         node_id = msg.metadata.src_node_id
         if msg.has_error():
-            rnd.failed.append({"node_id": node_id, "phase": phase, "reason": msg.error.reason})
+            rnd.failed.append({"node_id": node_id, "phase": phase, "reason": short_reason(msg.error.reason)})
             return
         rnd.node_site[node_id] = site
         entry = rnd.sites.setdefault(site, {"node_id": node_id})

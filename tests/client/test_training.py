@@ -63,3 +63,14 @@ def test_proximal_term_keeps_the_update_closer(setup, digits_cfg):
         return sum(float((p - start[n]).norm()) for n, p in trainable_parameters(model.trainable))
 
     assert drift(10.0) < 0.8 * drift(0.0)
+
+
+def test_training_without_cache_runs_the_backbone_every_epoch(digits_npz, digits_cfg):
+    model = build_split_model(digits_cfg)
+    site = load_site_data(digits_npz, digits_cfg)
+    cfg = build_run_config(classes=",".join(map(str, range(10))), image_size=32, local_epochs=2, augment_views=1)
+    train = build_feature_source(model, site.train, cache=None, augment_views=1, seed=0, label="live")
+    val = build_feature_source(model, site.val, cache=None, augment_views=0, seed=0, label="live val")
+    train_locally(model.trainable, train, site.train.labels, val, site.val.labels, cfg, server_round=1)
+    assert train.forwards == 2 * 1000
+    assert evaluate_locally(model.trainable, val, site.val.labels, 10)["accuracy"] > 0.5
