@@ -110,7 +110,11 @@ def _npz(path: Path, cfg: RunConfig) -> Benchmark:
     if train_images.dtype != np.uint8 or test_images.dtype != np.uint8:
         raise DataError(f"{path}: images must be uint8 (0-255), got {train_images.dtype}")
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    classes = cfg.class_names if len(cfg.class_names) >= num_classes and cfg.dataset_path else None
+    classes = None
+    if cfg.classes != FASHION_MNIST_CLASSES:  # the user named this dataset's classes
+        if len(cfg.class_names) < num_classes:
+            raise DataError(f"{path} has {num_classes} classes but run-config 'classes' names {len(cfg.class_names)}")
+        classes = cfg.class_names
     return Benchmark(
         path.stem,
         train_images,

@@ -137,7 +137,8 @@ def _write_connection(flwr_home: Path, port: int) -> str:
     return name
 
 
-def _run_status(env: dict[str, str], connection: str, run_id: int | None) -> str | None:
+def _run_status(env: dict[str, str], connection: str) -> str | None:
+    """Status of the run on our own SuperLink (it only ever holds this one run)."""
     result = subprocess.run(
         ["flwr", "ls", connection, "--format", "json"], env=env, capture_output=True, text=True, timeout=60
     )
@@ -145,8 +146,7 @@ def _run_status(env: dict[str, str], connection: str, run_id: int | None) -> str
         runs = json.loads(result.stdout).get("runs", [])
     except json.JSONDecodeError:
         return None
-    chosen = [r for r in runs if run_id is None or int(r.get("run-id", -1)) == run_id] or runs
-    return str(chosen[-1].get("status")) if chosen else None
+    return str(runs[-1].get("status")) if runs else None  # e.g. "finished:completed"
 
 
 def run_simulation(
@@ -183,7 +183,7 @@ def run_simulation(
     cfg = build_run_config(resolved)
     build_split_model(cfg)  # weights present and verified before any process starts
     run_config = {k: v for k, v in cfg.to_run_config().items() if k in resolved}
-    flwr_home = state / "flwr-home"
+    flwr_home = state / "flwr-home" / run_name  # one per run: concurrent simulations never share it
     flwr_home.mkdir(parents=True, exist_ok=True)
     env = _tool_env(flwr_home)
     with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False, dir=flwr_home) as fh:
@@ -191,7 +191,6 @@ def run_simulation(
         run_config_file = fh.name
     federation_config = f"num-supernodes={num_sites} client-resources-num-cpus={cpus_per_site}"
     log.info("simulating %d sites; run folder %s", num_sites, run_dir / run_name)
-    run_id = None
     try:
         with _SuperLink(flwr_home, env) as superlink:
             connection = _write_connection(flwr_home, superlink.port)
@@ -200,22 +199,16 @@ def run_simulation(
                 "--run-config", run_config_file, "--federation-config", federation_config,
             ]
             process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-            assert process.stdout is not None
-            for line in process.stdout:
-                line = line.rstrip("\n")
-                if run_id is None and "run" in line.lower():
-                    digits = [w for w in line.replace(".", " ").split() if w.isdigit()]
-                    if "Successfully started run" in line and digits:
-                        run_id = int(digits[-1])
+            for line in process.stdout or ():
                 if on_line:
-                    on_line(line)
+                    on_line(line.rstrip("\n"))
             process.wait()
-            status = _run_status(env, connection, run_id)
+            status = _run_status(env, connection)
     finally:
         Path(run_config_file).unlink(missing_ok=True)
     summary_path = run_dir / run_name / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
-    if process.returncode != 0 or summary is None or summary.get("status") != "finished" or (status and "fail" in status):
+    if process.returncode != 0 or summary is None or summary.get("status") != "finished" or status not in (None, "finished:completed"):
         reason = (summary or {}).get("error") or f"flwr run exited {process.returncode}, run status {status}"
         raise SimulationError(f"simulation '{run_name}' did not finish: {reason}; logs above, folder {run_dir / run_name}")
     return SimulationResult(run_dir / run_name, summary)

@@ -40,3 +40,12 @@ def digits_cfg():
 def _quiet_torch_threads():
     torch.set_num_threads(2)
     logging.getLogger("flwr").setLevel(logging.WARNING)
+
+
+@pytest.fixture
+def flower_identity(monkeypatch):
+    """The identity Flower's runtime gives an app process (building a Message needs a run id)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, attr, value)

@@ -17,13 +17,7 @@ from server.round_log import RoundLog
 from server.strategies import build_strategy
 
 
-@pytest.fixture(autouse=True)
-def _server_identity(monkeypatch):
-    """The identity Flower's runtime gives a ServerApp process (messages need a run id)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
+pytestmark = pytest.mark.usefixtures("flower_identity")
 
 
 @pytest.fixture(scope="module")
