@@ -11,12 +11,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from common.errors import ConfigError
 
-__all__ = ["RunConfig", "STRATEGIES", "HEADS", "PARTITIONERS", "OPTIMIZERS", "build_run_config"]
+__all__ = ["RunConfig", "STRATEGIES", "HEADS", "PARTITIONERS", "OPTIMIZERS", "DATASETS", "build_run_config"]
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
 HEADS = ("linear", "mlp")
@@ -84,8 +84,6 @@ class RunConfig:
     run_dir: str = "runs"
     run_name: str = ""
 
-    extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
-
     @property
     def class_names(self) -> tuple[str, ...]:
         """The class names, in label order."""
@@ -98,15 +96,10 @@ class RunConfig:
 
     def to_run_config(self) -> dict[str, Any]:
         """This config as kebab-case run-config keys (what ``config.json`` records)."""
-        out = {}
-        for f in dataclasses.fields(self):
-            if f.name == "extra":
-                continue
-            out[f.name.replace("_", "-")] = getattr(self, f.name)
-        return out
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(RunConfig) if f.name != "extra"}
+_FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:

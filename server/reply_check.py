@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ConfigRecord, Message, MetricRecord
 
 from common.exchange import Layout, validate_arrays
 from server.round_log import short_reason
@@ -64,7 +64,3 @@ def check_evaluate_reply(msg: Message) -> list[str]:
         problems.append("an evaluation reply must not carry arrays")
     return problems
 
-
-def arrays_of(msg: Message) -> ArrayRecord:
-    """The ArrayRecord of a checked training reply."""
-    return msg.content.array_records["arrays"]

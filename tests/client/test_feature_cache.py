@@ -67,8 +67,12 @@ def test_corrupt_entry_is_detected_and_rebuilt(tmp_path, model, split, damage, c
     else:
         data = data[: len(data) // 2]
     entry.write_bytes(bytes(data))
-    with caplog.at_level(logging.WARNING, logger="client.feature_cache"):
+    logger = logging.getLogger("client.feature_cache")
+    logger.addHandler(caplog.handler)  # fedhead's loggers may not propagate to the root
+    try:
         rebuilt = _source(model, split, cache)
+    finally:
+        logger.removeHandler(caplog.handler)
     assert rebuilt.forwards == 120 and rebuilt.hits == 0
     assert "stale or corrupt" in caplog.text
     assert torch.allclose(rebuilt.get(torch.arange(120)), good, atol=1e-5)
