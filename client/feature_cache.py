@@ -66,6 +66,8 @@ class FeatureCache:
         try:
             with open(path, "rb") as fh:
                 header_len = int.from_bytes(fh.read(8), "little")
+                if header_len > path.stat().st_size - 8:
+                    raise ValueError(f"header length {header_len} exceeds the file")
                 header = json.loads(fh.read(header_len))
             meta = header.get("__metadata__", {})
             tensors = load_file(path)

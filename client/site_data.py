@@ -27,7 +27,7 @@ from PIL import Image, UnidentifiedImageError
 from common.config import RunConfig
 from common.errors import DataError
 
-__all__ = ["SiteData", "Split", "resolve_site_data_path", "load_site_data", "site_name"]
+__all__ = ["SiteData", "Split", "image_to_uint8", "resolve_site_data_path", "load_site_data", "site_name"]
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,8 @@ def _load_npz(path: Path) -> tuple[Split, Split | None]:
         with np.load(path, allow_pickle=False) as data:
             train = _npz_split(data, "train", path)
             val = _npz_split(data, "val", path)
+    except DataError:
+        raise
     except (OSError, ValueError) as exc:
         raise DataError(f"cannot read '{path}' as .npz: {exc}") from exc
     if train is None:
@@ -135,10 +137,22 @@ def _load_npz(path: Path) -> tuple[Split, Split | None]:
     return train, val
 
 
+def image_to_uint8(img: Image.Image) -> np.ndarray:
+    """8-bit pixels; 16-bit and float images are rescaled from their own range, not clipped."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(img, dtype=np.float64)
+        low, high = float(array.min()), float(array.max())
+        scaled = (array - low) / (high - low) * 255.0 if high > low else np.zeros_like(array)
+        return np.rint(scaled).astype(np.uint8)
+    if img.mode in ("L", "1"):
+        return np.asarray(img.convert("L"), dtype=np.uint8)
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
 def _read_image(path: Path) -> torch.Tensor:
     with Image.open(path) as img:
-        img = img.convert("L") if img.mode in ("L", "I;16", "I", "1") else img.convert("RGB")
-        array = np.asarray(img, dtype=np.uint8)
+        img.load()
+        array = image_to_uint8(img)
     tensor = torch.from_numpy(array.copy())
     return tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1)
 

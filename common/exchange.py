@@ -15,9 +15,17 @@ from torch import nn
 from common.errors import ReplyError
 from common.model import trainable_parameters
 
-__all__ = ["Layout", "trainable_layout", "to_arrayrecord", "validate_arrays", "load_arrayrecord", "arrays_nbytes"]
+__all__ = ["TRAIN_METRIC_KEYS", "EVAL_METRIC_KEYS", "Layout", "trainable_layout", "to_arrayrecord", "validate_arrays", "load_arrayrecord", "arrays_nbytes"]
 
 Layout = dict[str, tuple[tuple[int, ...], str]]
+
+# The MetricRecord keys a site's replies carry; the server accepts exactly these.
+TRAIN_METRIC_KEYS = frozenset(
+    {"num-examples", "train-loss", "epochs-run", "backbone-forwards-train", "backbone-forwards-eval", "cache-hits", "seconds"}
+)
+EVAL_METRIC_KEYS = frozenset(
+    {"num-examples", "backbone-forwards-eval"} | {f"eval-{m}" for m in ("loss", "accuracy", "precision", "recall", "f1", "auroc")}
+)
 
 
 def trainable_layout(module: nn.Module) -> Layout:

@@ -92,16 +92,17 @@ def resolve_weights_file(spec: BackboneSpec, weights_file: str = "", *, allow_do
         _check_hash_prefix(path, release)
         return path
     cached = hub_checkpoint_dir() / release
+    download_error = "downloads not attempted"
     if not cached.is_file() and allow_download:
         try:
             log.info("downloading %s weights (%s) through torchvision", spec.name, release)
             spec.weights.get_state_dict(progress=False, check_hash=True)
-        except Exception as exc:  # network errors come in many types; all mean "not here"
-            log.debug("download of %s failed: %s", release, exc)
+        except Exception as exc:  # network and hash errors come in many types; the cause is reported below
+            download_error = f"download failed: {type(exc).__name__}: {exc}"
     if not cached.is_file():
         raise WeightsError(
             f"no weights for backbone '{spec.name}': {release} is not in torch's hub "
-            f"cache ({hub_checkpoint_dir()}) and could not be downloaded. Provision it "
+            f"cache ({hub_checkpoint_dir()}) and it could not be downloaded ({download_error}). Provision it "
             f"with `fedhead weights stage PATH/TO/{release}`, set run-config "
             f"weights-file=PATH, or use pretrained=false for a random backbone."
         )

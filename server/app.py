@@ -81,16 +81,20 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
             evaluate_config=ConfigRecord(dict(site_config)),
             evaluate_fn=end_of_round,
         )
-        completed = [r for r in round_log.history if r["round"] > 0 and r["aggregated_sites"]]
-        if not completed:
-            reasons = [f["reason"] for r in round_log.history for f in r["failed"]]
-            reasons += [p for r in round_log.history for ps in r["rejected_sites"].values() for p in ps]
-            error = "no round aggregated any site's update" + (f"; first problem: {reasons[0]}" if reasons else "")
+        rounds = [r for r in round_log.history if r["round"] > 0]
+        empty = [r["round"] for r in rounds if not r["aggregated_sites"]]
+        if len(empty) == len(rounds):
+            error = "no round aggregated any site's update" + _first_problem(rounds)
         else:
-            status = "finished"
             load_arrayrecord(model.trainable, result.arrays)
-            export_model(model, folder.model_dir, class_names=cfg.class_names)
+            manifest = export_model(model, folder.model_dir, class_names=cfg.class_names)
             write_plots(round_log.history, folder.plots_dir, title=folder.root.name)
+            if empty:
+                status, error = "incomplete", f"rounds {empty} aggregated no update" + _first_problem(rounds)
+            elif manifest["files"]["full_model"] is None:
+                status, error = "incomplete", f"the full model was not exported: {manifest['full_model_error']}"
+            else:
+                status = "finished"
     except Exception as exc:
         error = f"{type(exc).__name__}: {exc}"
         raise
@@ -110,3 +114,9 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
     if status != "finished":
         raise RuntimeError(error)
     return summary
+
+
+def _first_problem(rounds: list[dict]) -> str:
+    reasons = [f["reason"] for r in rounds for f in r["failed"]]
+    reasons += [p for r in rounds for ps in r["rejected_sites"].values() for p in ps]
+    return f"; first problem: {reasons[0]}" if reasons else ""

@@ -32,6 +32,8 @@ def load_eval_arrays(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
             if "test_images" not in data or "test_labels" not in data:
                 raise DataError(f"{path} must hold 'test_images' and 'test_labels' arrays; it has {sorted(data.files)}")
             images, labels = data["test_images"], np.asarray(data["test_labels"]).reshape(-1)
+    except DataError:
+        raise
     except (OSError, ValueError) as exc:
         raise DataError(f"cannot read held-out set '{path}': {exc}") from exc
     if images.dtype != np.uint8 or len(images) != len(labels):

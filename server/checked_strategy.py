@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -66,7 +67,14 @@ class CheckedStrategy(Strategy):
         if not accepted:
             log.error("round %d: no acceptable updates; the global model is unchanged", server_round)
             return None, None
-        return self.inner.aggregate_train(server_round, accepted)
+        arrays, metrics = self.inner.aggregate_train(server_round, accepted)
+        return (self._as_layout(arrays) if arrays is not None else None), metrics
+
+    def _as_layout(self, arrays: ArrayRecord) -> ArrayRecord:
+        """The aggregate in the layout's dtypes (FedAdam/FedYogi compute in float64)."""
+        return ArrayRecord(
+            {name: Array(np.asarray(arrays[name].numpy(), dtype=dtype)) for name, (_, dtype) in self.layout.items()}
+        )
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         accepted = []
@@ -77,6 +85,8 @@ class CheckedStrategy(Strategy):
                 log.warning("round %d: ignored the evaluation of %s: %s", server_round, reply_site(msg), "; ".join(problems))
             else:
                 accepted.append(msg)
-        if not accepted:
+        # A site without validation examples has nothing to weigh in the average.
+        weighted = [m for m in accepted if m.content["metrics"]["num-examples"] > 0]
+        if not weighted:
             return None
-        return self.inner.aggregate_evaluate(server_round, accepted)
+        return self.inner.aggregate_evaluate(server_round, weighted)

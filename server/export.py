@@ -70,7 +70,8 @@ def export_model(model: SplitModel, out_dir: Path, *, class_names: tuple[str, ..
             "torch.export.load('model.pt2').module()(images); images: float32 (N, 3, "
             f"{size}, {size}) in [0, 1], resized with {model.preprocessing.interpolation} interpolation"
         )
-    except Exception as exc:  # torch.export rejects some architectures; the head is still saved
-        log.warning("could not export the full model with torch.export (%s); head.safetensors is written", exc)
+    except Exception as exc:  # torch.export rejects some graphs; recorded, and the run is marked incomplete
+        manifest["full_model_error"] = f"{type(exc).__name__}: {exc}"
+        log.error("could not export the full model with torch.export (%s); head.safetensors is written", exc)
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest

@@ -6,7 +6,7 @@ import math
 
 from flwr.app import ConfigRecord, Message, MetricRecord
 
-from common.exchange import Layout, validate_arrays
+from common.exchange import EVAL_METRIC_KEYS, TRAIN_METRIC_KEYS, Layout, validate_arrays
 from server.round_log import short_reason
 
 __all__ = ["check_train_reply", "check_evaluate_reply", "reply_site"]
@@ -19,12 +19,15 @@ def reply_site(msg: Message) -> str:
     return f"node-{msg.metadata.src_node_id}"
 
 
-def _check_metrics(msg: Message, problems: list[str]) -> MetricRecord | None:
+def _check_metrics(msg: Message, problems: list[str], expected_keys: frozenset[str]) -> MetricRecord | None:
     records = msg.content.metric_records
     if list(records) != ["metrics"]:
         problems.append(f"expected one MetricRecord 'metrics', got {sorted(records) or 'none'}")
         return None
     metrics = records["metrics"]
+    missing, extra = sorted(expected_keys - set(metrics)), sorted(set(metrics) - expected_keys)
+    if missing or extra:
+        problems.append(f"metric keys differ from fedhead's: missing {missing}, unexpected {extra}")
     num = metrics.get("num-examples")
     if not isinstance(num, int) or isinstance(num, bool) or num < 0:
         problems.append(f"'num-examples' must be a non-negative integer, got {num!r}")
@@ -40,7 +43,7 @@ def check_train_reply(msg: Message, layout: Layout, expected_sha256: str) -> lis
     if msg.has_error():
         return [f"site failed: {short_reason(msg.error.reason)}"]
     problems: list[str] = []
-    metrics = _check_metrics(msg, problems)
+    metrics = _check_metrics(msg, problems, TRAIN_METRIC_KEYS)
     if metrics is not None and metrics.get("num-examples") == 0:
         problems.append("'num-examples' is 0: an empty update cannot be weighted")
     arrays = msg.content.array_records
@@ -59,7 +62,7 @@ def check_evaluate_reply(msg: Message) -> list[str]:
     if msg.has_error():
         return [f"site failed: {short_reason(msg.error.reason)}"]
     problems: list[str] = []
-    _check_metrics(msg, problems)
+    _check_metrics(msg, problems, EVAL_METRIC_KEYS)
     if msg.content.array_records:
         problems.append("an evaluation reply must not carry arrays")
     return problems

@@ -70,6 +70,10 @@ class RoundLog:
         if msg.has_error():
             rnd.failed.append({"node_id": node_id, "phase": phase, "reason": short_reason(msg.error.reason)})
             return
+        if node_id in rnd.node_site:
+            site = rnd.node_site[node_id]
+        elif site in rnd.sites:  # two nodes claim one name: keep both, told apart by node id
+            site = f"{site}@{node_id}"
         rnd.node_site[node_id] = site
         entry = rnd.sites.setdefault(site, {"node_id": node_id})
         entry[f"{phase}_bytes_down"] = rnd.sent[phase].get(node_id, 0)

@@ -51,7 +51,7 @@ def build_summary(
         "run_name": run_name,
         "status": status,
         "error": error,
-        "rounds_completed": len(history),
+        "rounds_completed": sum(1 for r in history if r["aggregated_sites"]),
         "num_server_rounds": cfg.num_server_rounds,
         "wall_seconds": round(wall_seconds, 2),
         "backbone": cfg.backbone,

@@ -44,7 +44,7 @@ def _data(images: int, cache_root: Path) -> tuple[str, np.ndarray, np.ndarray]:
 
 
 def run_bench(*, images: int = 2000, epochs: int = 2, rounds: int = 3, image_size: int = 64) -> dict[str, float]:
-    """Run both arms and print the comparison; return the measured figures."""
+    """Run both arms; return the measured figures (the CLI prints them)."""
     root = Path(__file__).resolve().parent.parent / ".cache" / "fedhead"
     name, x, y = _data(images, root)
     n_val = len(y) // 5
@@ -69,10 +69,9 @@ def run_bench(*, images: int = 2000, epochs: int = 2, rounds: int = 3, image_siz
     full = module_bytes(model.trunk) + module_bytes(model.trainable)
     results["speedup"] = results["plain_seconds"] / results["cached_seconds"]
     results["bytes_fraction"] = head / full
-    print(f"fedhead bench: {cfg.backbone} at {image_size} px, {len(train)} {name} training images, {rounds} rounds x {epochs} epochs")
-    print(f"  {'arm':<8} {'seconds':>9} {'backbone passes':>16} {'val accuracy':>13}")
-    for arm in ("plain", "cached"):
-        print(f"  {arm:<8} {results[f'{arm}_seconds']:>9.1f} {int(results[f'{arm}_forwards']):>16,} {100 * accuracy[arm]:>12.1f}%")
-    print(f"  cached features are {results['speedup']:.1f}x faster than the plain way")
-    print(f"  a site sends {head:,} parameter bytes per round: {100 * results['bytes_fraction']:.2f}% of the full model ({full:,})")
+    results.update(
+        images=len(train), rounds=rounds, epochs=epochs, image_size=image_size, head_bytes=head, full_bytes=full,
+        plain_accuracy=accuracy["plain"], cached_accuracy=accuracy["cached"],
+    )
+    log.info("bench on %s: %s, %d images", name, cfg.backbone, len(train))
     return results

@@ -110,7 +110,16 @@ def _site_check(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from simulations.bench import run_bench
 
-    run_bench(images=args.images, epochs=args.epochs, rounds=args.rounds, image_size=args.image_size)
+    r = run_bench(images=args.images, epochs=args.epochs, rounds=args.rounds, image_size=args.image_size)
+    print(f"fedhead bench: mobilenet_v2 at {r['image_size']} px, {r['images']} training images, {r['rounds']} rounds x {r['epochs']} epochs")
+    print(f"  {'arm':<8} {'seconds':>9} {'backbone passes':>16} {'val accuracy':>13}")
+    for arm in ("plain", "cached"):
+        print(f"  {arm:<8} {r[f'{arm}_seconds']:>9.1f} {int(r[f'{arm}_forwards']):>16,} {100 * r[f'{arm}_accuracy']:>12.1f}%")
+    print(f"  cached features are {r['speedup']:.1f}x faster than the plain way")
+    print(
+        f"  a site sends {int(r['head_bytes']):,} parameter bytes per round: "
+        f"{100 * r['bytes_fraction']:.2f}% of the full model ({int(r['full_bytes']):,})"
+    )
     return 0
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from client.site_data import image_to_uint8
 from common.config import FASHION_MNIST_CLASSES, RunConfig
 from common.errors import DataError
 
@@ -138,7 +139,11 @@ def _image_folder(path: Path, image_size: int) -> Benchmark:
             for file in sorted((path / split / name).glob("*")):
                 try:
                     with Image.open(file) as img:
-                        images.append(np.asarray(img.convert("RGB").resize((image_size, image_size))))
+                        array = image_to_uint8(img)
+                    if array.ndim == 2:
+                        array = np.repeat(array[:, :, None], 3, axis=2)
+                    resized = Image.fromarray(array).resize((image_size, image_size), Image.BILINEAR)
+                    images.append(np.asarray(resized, dtype=np.uint8))
                     labels.append(label)
                 except OSError as exc:
                     log.warning("skipping unreadable image %s: %s", file, exc)

@@ -40,8 +40,19 @@ class Federation:
     site_sizes: list[dict]
 
 
+def _source_stamp(cfg: RunConfig) -> str:
+    """Size and modification time of a dataset file or folder, so a changed source is re-split."""
+    if not cfg.dataset_path:
+        return ""
+    path = Path(cfg.dataset_path).expanduser()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
+    return hashlib.sha256("".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns};" for p in files).encode()).hexdigest()
+
+
 def _key(cfg: RunConfig, num_sites: int) -> str:
     parts = {
+        "source": _source_stamp(cfg),
+        "classes": cfg.classes,
         "format": FORMAT_VERSION,
         "dataset": cfg.dataset,
         "dataset_path": str(Path(cfg.dataset_path).expanduser().resolve()) if cfg.dataset_path else "",

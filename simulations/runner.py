@@ -11,6 +11,7 @@ code does not say whether the run failed, so success is read from
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -115,19 +116,28 @@ class _SuperLink:
             "flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
             "--host", "127.0.0.1", "--port", str(self.port),
         ]
-        self.process = subprocess.Popen(
-            command, env=self.env, stdout=open(self.log_file, "wb"), stderr=subprocess.STDOUT, start_new_session=True
-        )
-        _wait_healthy(self.port, self.process, self.log_file)
+        with open(self.log_file, "wb") as log_handle:  # the child keeps its own descriptor
+            self.process = subprocess.Popen(
+                command, env=self.env, stdout=log_handle, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        try:
+            _wait_healthy(self.port, self.process, self.log_file)
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.process and self.process.poll() is None:
-            try:
-                os.killpg(self.process.pid, signal.SIGTERM)
-                self.process.wait(timeout=20)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
+        if self.process is None or self.process.poll() is not None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _write_connection(flwr_home: Path, port: int) -> str:
@@ -138,13 +148,14 @@ def _write_connection(flwr_home: Path, port: int) -> str:
 
 
 def _run_status(env: dict[str, str], connection: str) -> str | None:
-    """Status of the run on our own SuperLink (it only ever holds this one run)."""
-    result = subprocess.run(
-        ["flwr", "ls", connection, "--format", "json"], env=env, capture_output=True, text=True, timeout=60
-    )
+    """Status of the run on our own SuperLink (it only ever holds this one run); None if unreadable."""
     try:
+        result = subprocess.run(
+            ["flwr", "ls", connection, "--format", "json"], env=env, capture_output=True, text=True, timeout=60
+        )
         runs = json.loads(result.stdout).get("runs", [])
-    except json.JSONDecodeError:
+    except (subprocess.TimeoutExpired, json.JSONDecodeError, AttributeError) as exc:
+        log.warning("could not read the run status from `flwr ls` (%s); judging by summary.json alone", exc)
         return None
     return str(runs[-1].get("status")) if runs else None  # e.g. "finished:completed"
 
@@ -161,7 +172,7 @@ def run_simulation(
     """Run a local simulation of ``num_sites`` sites; raise SimulationError unless it finished."""
     root = project_root()
     state = (state_dir or root / ".cache" / "fedhead").resolve()
-    overrides = dict(overrides or {})
+    overrides = {str(k).replace("_", "-"): v for k, v in (overrides or {}).items()}
     cfg = build_run_config(overrides)
     if num_sites < 1:
         raise ConfigError(f"--sites {num_sites}: need at least one site")
@@ -173,7 +184,7 @@ def run_simulation(
     resolved: dict[str, Any] = {
         **overrides,
         "partitions-dir": str(federation.partitions_dir),
-        "server-eval-data": str(federation.test_path),
+        "server-eval-data": str(overrides.get("server-eval-data") or federation.test_path),
         "classes": ",".join(federation.classes),
         "run-dir": str(run_dir),
         "run-name": run_name,

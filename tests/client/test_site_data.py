@@ -57,3 +57,42 @@ def test_site_without_data_dir_is_told_how_to_give_one():
 def test_simulated_site_without_partitions_points_to_simulate():
     with pytest.raises(DataError, match="fedhead simulate"):
         resolve_site_data_path({"partition-id": 0}, build_run_config())
+
+
+def test_sixteen_bit_and_mixed_channel_images_keep_their_contrast(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    ramp = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 60).astype(np.uint16)  # 0..3780, 12-bit-like
+    Image.fromarray(ramp).save(tmp_path / "a" / "ct.png")
+    Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(tmp_path / "b" / "photo.png")
+    site = load_site_data(tmp_path, build_run_config(classes="a,b", val_fraction=0.0))
+    grey = next(img for img, label in zip(site.train.images, site.train.labels) if label == 0)
+    assert grey.shape == (1, 8, 8) and int(grey.min()) == 0 and int(grey.max()) == 255
+    assert len(torch_unique(grey)) > 32  # not saturated to a few values
+    rgb = next(img for img, label in zip(site.train.images, site.train.labels) if label == 1)
+    assert rgb.shape == (3, 8, 8)
+
+
+def test_a_site_without_validation_examples_still_trains_and_reports(tmp_path, digits):
+    from client.feature_cache import FeatureCache
+    from client.feature_source import build_feature_source
+    from client.training import evaluate_locally, train_locally
+    from common.model import build_split_model
+
+    images, labels = digits
+    path = tmp_path / "train-only.npz"
+    np.savez(path, train_images=images[:50], train_labels=labels[:50])
+    cfg = build_run_config(classes=",".join(map(str, range(10))), image_size=32, val_fraction=0.0, early_stopping_patience=1)
+    site = load_site_data(path, cfg)
+    assert len(site.val) == 0
+    model = build_split_model(cfg)
+    cache = FeatureCache(tmp_path / "cache")
+    train = build_feature_source(model, site.train, cache=cache, augment_views=0, seed=0, label="t")
+    val = build_feature_source(model, site.val, cache=cache, augment_views=0, seed=0, label="v")
+    report = train_locally(model.trainable, train, site.train.labels, val, site.val.labels, cfg, server_round=1)
+    assert report.num_examples == 50 and val.forwards == 0
+    assert np.isnan(evaluate_locally(model.trainable, val, site.val.labels, 10)["accuracy"])
+
+
+def torch_unique(tensor):
+    return tensor.unique()

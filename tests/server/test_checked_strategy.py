@@ -10,7 +10,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 from flwr.serverapp.strategy import FedAvg, FedMedian
 
 from common.config import build_run_config
-from common.exchange import to_arrayrecord, trainable_layout
+from common.exchange import EVAL_METRIC_KEYS, TRAIN_METRIC_KEYS, to_arrayrecord, trainable_layout
 from common.model import build_split_model
 from server.checked_strategy import CheckedStrategy
 from server.round_log import RoundLog
@@ -18,6 +18,8 @@ from server.strategies import build_strategy
 
 
 pytestmark = pytest.mark.usefixtures("flower_identity")
+
+TRAIN_METRICS = {key: 0 for key in TRAIN_METRIC_KEYS} | {"train-loss": 0.5, "seconds": 1.0}
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +35,7 @@ def _reply(node_id: int, weight: np.ndarray, bias: np.ndarray, n: int = 10) -> M
     content = RecordDict(
         {
             "arrays": ArrayRecord({"head.weight": Array(weight), "head.bias": Array(bias)}),
-            "metrics": MetricRecord({"num-examples": n, "train-loss": 0.5, "backbone-forwards-train": n}),
+            "metrics": MetricRecord({**TRAIN_METRICS, "num-examples": n}),
             "site": ConfigRecord({"site": f"site-{node_id}"}),
         }
     )
@@ -91,6 +93,49 @@ def test_wrapper_keeps_the_inner_strategys_aggregation(model, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum"])
-def test_each_configured_strategy_is_flowers_own(name):
-    strategy = build_strategy(build_run_config(strategy=name))
-    assert type(strategy).__module__.startswith("flwr.serverapp.strategy")
+def test_each_strategy_is_flowers_own_and_aggregates_in_the_layout(name, model, tmp_path):
+    inner = build_strategy(build_run_config(strategy=name))
+    assert type(inner).__module__.startswith("flwr.serverapp.strategy")
+    strategy, _ = _strategy(model, tmp_path, inner=inner)
+    current = to_arrayrecord(model.trainable)
+    list(strategy.configure_train(1, current, ConfigRecord(), _OneNodeGrid()))  # FedAdam/FedYogi keep the current model
+    rng = np.random.default_rng(0)
+    replies = [_reply(i, rng.normal(size=(10, 1280)).astype(np.float32), np.zeros(10, np.float32)) for i in range(1, 6)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert validate_arrays_ok(arrays, model)
+
+
+def validate_arrays_ok(arrays, model) -> bool:
+    from common.exchange import validate_arrays
+
+    return validate_arrays(arrays, trainable_layout(model.trainable)) == []
+
+
+class _OneNodeGrid:
+    """Just enough of a Grid for configure_train's node sampling."""
+
+    def get_node_ids(self):
+        return [1, 2, 3, 4, 5]
+
+
+def test_sites_without_validation_examples_do_not_break_the_average(model, tmp_path):
+    strategy, _ = _strategy(model, tmp_path)
+
+    def eval_reply(node_id: int, n: int, accuracy: float) -> Message:
+        metrics = {key: 0.0 for key in EVAL_METRIC_KEYS} | {"num-examples": n, "eval-accuracy": accuracy, "backbone-forwards-eval": 0}
+        content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"site": f"s{node_id}"})})
+        return Message(content=content, reply_to=_request(node_id))
+
+    assert strategy.aggregate_evaluate(1, [eval_reply(1, 0, 0.0)]) is None
+    aggregated = strategy.aggregate_evaluate(1, [eval_reply(1, 0, 0.0), eval_reply(2, 10, 0.9)])
+    assert aggregated["eval-accuracy"] == pytest.approx(0.9)
+
+
+def test_a_reply_with_other_metric_keys_is_rejected_not_fatal(model, tmp_path):
+    strategy, log = _strategy(model, tmp_path)
+    good = _reply(1, np.ones((10, 1280), np.float32), np.zeros(10, np.float32))
+    odd = _reply(2, np.ones((10, 1280), np.float32), np.zeros(10, np.float32))
+    odd.content["metrics"]["surprise"] = 1.0
+    arrays, _ = strategy.aggregate_train(1, [good, odd])
+    assert arrays is not None
+    assert "unexpected ['surprise']" in log.finish_round(1, None, 0.0)["rejected_sites"]["site-2"][0]

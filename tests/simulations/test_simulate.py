@@ -117,3 +117,17 @@ def test_cli_refuses_a_bad_config_with_one_clear_line():
         "fedhead: invalid run config:",
         "fedhead: - 'strategy' = 'fedsgd': choose one of fedavg, fedprox, fedadam, fedyogi, fedmedian, fedtrimmedavg, krum",
     ]
+
+
+def test_a_run_that_fails_inside_flower_exits_non_zero(tmp_path):
+    """Flower's `flwr run` exits 0 for a failed run; `fedhead simulate` must not."""
+    broken = tmp_path / "held-out.npz"
+    np.savez(broken, images=np.zeros((3, 8, 8), np.uint8))  # lacks test_images/test_labels
+    run_config = f"dataset='digits' num-server-rounds=1 image-size=32 run-dir='{tmp_path / 'runs'}' server-eval-data='{broken}'"
+    out = subprocess.run(
+        [sys.executable, "-m", "simulations.cli", "simulate", "--sites", "2", "--name", "broken", "--run-config", run_config],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 1, out.stdout[-2000:]
+    assert "simulation 'broken' did not finish" in out.stderr
+    assert "test_images" in out.stdout + out.stderr
