@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -49,8 +51,11 @@ def _prepare(msg: Message, context: Context) -> tuple[RunConfig, SplitModel, Sit
     return cfg, model, site
 
 
-def _cache(cfg: RunConfig) -> FeatureCache | None:
-    return FeatureCache(Path(cfg.cache_dir)) if cfg.cache_features else None
+def _cache(cfg: RunConfig, node_config: Mapping[str, Any]) -> FeatureCache | None:
+    """The site's feature cache: node_config's ``cache-dir`` (the site's own disk) wins over the run's."""
+    if not cfg.cache_features:
+        return None
+    return FeatureCache(Path(str(node_config.get("cache-dir", cfg.cache_dir))).expanduser())
 
 
 def _site_record(site: SiteData, model: SplitModel) -> ConfigRecord:
@@ -63,7 +68,7 @@ def train(msg: Message, context: Context) -> Message:
     started = time.monotonic()
     cfg, model, site = _prepare(msg, context)
     server_round = int(msg.content["config"].get("server-round", 0))
-    cache = _cache(cfg)
+    cache = _cache(cfg, context.node_config)
     train_source = build_feature_source(
         model, site.train, cache=cache, augment_views=cfg.augment_views, seed=cfg.seed, label=f"{site.name} train"
     )
@@ -98,7 +103,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received trainable part on this site's validation split."""
     cfg, model, site = _prepare(msg, context)
     val_source = build_feature_source(
-        model, site.val, cache=_cache(cfg), augment_views=0, seed=cfg.seed, label=f"{site.name} val"
+        model, site.val, cache=_cache(cfg, context.node_config), augment_views=0, seed=cfg.seed, label=f"{site.name} val"
     )
     scores = evaluate_locally(model.trainable, val_source, site.val.labels, cfg.num_classes)
     metrics = MetricRecord(

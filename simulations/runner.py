@@ -34,7 +34,17 @@ from common.model import build_split_model
 from server.run_folder import default_run_name
 from simulations.prepare import prepare_federation
 
-__all__ = ["SimulationResult", "SimulationError", "run_simulation", "project_root", "parse_run_config"]
+__all__ = [
+    "SimulationResult",
+    "SimulationError",
+    "run_simulation",
+    "project_root",
+    "parse_run_config",
+    "free_port",
+    "flower_env",
+    "wait_healthy",
+    "write_connection",
+]
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +79,15 @@ def parse_run_config(text: str) -> dict[str, Any]:
         raise ConfigError(f"cannot parse --run-config {text!r}: {exc}; use 'key=value key2=\"text\"'") from exc
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
-def _tool_env(flwr_home: Path) -> dict[str, str]:
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    """Environment for Flower's tools: our FLWR_HOME, no runtime installs, this venv's bin first."""
     env = os.environ.copy()
     env["FLWR_HOME"] = str(flwr_home)
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
@@ -86,7 +98,8 @@ def _tool_env(flwr_home: Path) -> dict[str, str]:
     return env
 
 
-def _wait_healthy(port: int, process: subprocess.Popen, log_file: Path, timeout: float = 60.0) -> None:
+def wait_healthy(port: int, process: subprocess.Popen, log_file: Path, timeout: float = 60.0) -> None:
+    """Wait until a SuperLink answers /health on ``port``; raise if it exits or times out."""
     import httpx
 
     deadline = time.monotonic() + timeout
@@ -106,7 +119,7 @@ class _SuperLink:
     """A simulation SuperLink owned by this process, stopped on exit."""
 
     def __init__(self, flwr_home: Path, env: dict[str, str]) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.log_file = flwr_home / f"superlink-{self.port}.log"
         self.env = env
         self.process: subprocess.Popen | None = None
@@ -121,7 +134,7 @@ class _SuperLink:
                 command, env=self.env, stdout=log_handle, stderr=subprocess.STDOUT, start_new_session=True
             )
         try:
-            _wait_healthy(self.port, self.process, self.log_file)
+            wait_healthy(self.port, self.process, self.log_file)
         except BaseException:
             self.__exit__()
             raise
@@ -140,8 +153,8 @@ class _SuperLink:
             pass
 
 
-def _write_connection(flwr_home: Path, port: int) -> str:
-    name = "fedhead-sim"
+def write_connection(flwr_home: Path, port: int, name: str = "fedhead-sim") -> str:
+    """Write FLWR_HOME/config.toml with one insecure loopback connection; return its name."""
     config = {"superlink": {"default": name, name: {"address": f"127.0.0.1:{port}", "insecure": True}}}
     (flwr_home / "config.toml").write_text(tomli_w.dumps(config))
     return name
@@ -196,7 +209,7 @@ def run_simulation(
     run_config = {k: v for k, v in cfg.to_run_config().items() if k in resolved}
     flwr_home = state / "flwr-home" / run_name  # one per run: concurrent simulations never share it
     flwr_home.mkdir(parents=True, exist_ok=True)
-    env = _tool_env(flwr_home)
+    env = flower_env(flwr_home)
     with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False, dir=flwr_home) as fh:
         fh.write(tomli_w.dumps(run_config))
         run_config_file = fh.name
@@ -204,7 +217,7 @@ def run_simulation(
     log.info("simulating %d sites; run folder %s", num_sites, run_dir / run_name)
     try:
         with _SuperLink(flwr_home, env) as superlink:
-            connection = _write_connection(flwr_home, superlink.port)
+            connection = write_connection(flwr_home, superlink.port)
             command = [
                 "flwr", "run", str(root), connection, "--stream",
                 "--run-config", run_config_file, "--federation-config", federation_config,

@@ -17,8 +17,8 @@ RUN_CONFIG = {"classes": ",".join(str(d) for d in range(10)), "image-size": 32, 
 
 
 def _context(tmp_path, digits_npz):
-    run_config = {**RUN_CONFIG, "cache-dir": str(tmp_path / "cache")}
-    return Context(run_id=1, node_id=7, node_config={"data-dir": str(digits_npz), "site-name": "st-olav"}, state=RecordDict(), run_config=run_config)
+    node_config = {"data-dir": str(digits_npz), "site-name": "st-olav", "cache-dir": str(tmp_path / "site-cache")}
+    return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config=RUN_CONFIG)
 
 
 def _message(kind: str, sha256: str) -> Message:
@@ -38,6 +38,7 @@ def test_train_sends_back_only_the_head_and_counts_backbone_passes(tmp_path, dig
     assert first.content["site"]["site"] == "st-olav"
     second = app(_message("train", sha256), context)
     assert (second.content["metrics"]["backbone-forwards-train"], second.content["metrics"]["cache-hits"]) == (0, 2)
+    assert len(list((tmp_path / "site-cache").glob("*.safetensors"))) == 2  # the site's own disk
     evaluation = app(_message("evaluate", sha256), context)
     assert evaluation.content["metrics"]["num-examples"] == 300
     assert not evaluation.content.array_records
