@@ -54,7 +54,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
     )
     log.info("run folder: %s", folder.root)
     round_log = RoundLog(folder.metrics)
-    central = CentralEvaluator(model, cfg.server_eval_data, cfg.num_classes) if cfg.server_eval_data else None
+    central: CentralEvaluator | None = None
     round_started = [time.monotonic()]
 
     def end_of_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -72,6 +72,8 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
     site_config = ConfigRecord({"backbone-sha256": model.weights_sha256})
     status, error = "failed", None
     try:
+        if cfg.server_eval_data:
+            central = CentralEvaluator(model, cfg.server_eval_data, cfg.num_classes)
         result = strategy.start(
             grid=grid,
             initial_arrays=to_arrayrecord(model.trainable),

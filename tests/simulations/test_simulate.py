@@ -131,3 +131,5 @@ def test_a_run_that_fails_inside_flower_exits_non_zero(tmp_path):
     assert out.returncode == 1, out.stdout[-2000:]
     assert "simulation 'broken' did not finish" in out.stderr
     assert "test_images" in out.stdout + out.stderr
+    summary = json.loads((tmp_path / "runs" / "broken" / "summary.json").read_text())
+    assert summary["status"] == "failed" and "must hold 'test_images'" in summary["error"]
