@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 __all__ = ["FeatureCache", "CacheLookup"]
 
@@ -64,21 +64,16 @@ class FeatureCache:
             return None
         problem = None
         try:
-            with open(path, "rb") as fh:
-                header_len = int.from_bytes(fh.read(8), "little")
-                if header_len > path.stat().st_size - 8:
-                    raise ValueError(f"header length {header_len} exceeds the file")
-                header = json.loads(fh.read(header_len))
-            meta = header.get("__metadata__", {})
-            tensors = load_file(path)
-            features = tensors.get("features")
+            with safe_open(path, framework="pt") as entry:
+                meta = entry.metadata() or {}
+                features = entry.get_tensor("features") if "features" in entry.keys() else None
             if meta.get("key") != self.key(parts):
                 problem = "its key does not match"
             elif features is None or features.shape[0] != num_items:
                 problem = f"it holds {None if features is None else features.shape[0]} items, expected {num_items}"
             elif _tensor_sha256(features) != meta.get("sha256"):
                 problem = "its content hash does not match (corrupt)"
-        except (SafetensorError, OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+        except (SafetensorError, OSError, ValueError) as exc:
             problem = f"it cannot be read ({exc})"
         if problem:
             log.warning("feature cache entry %s is stale or corrupt: %s; rebuilding it", path.name, problem)

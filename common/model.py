@@ -121,7 +121,7 @@ def build_split_model(cfg: RunConfig, *, head_seed: int | None = None) -> SplitM
     trunk = nn.Sequential(*stages[:cut])
     for p in trunk.parameters():
         p.requires_grad_(False)
-    trunk.eval()
+    trunk.eval().to(memory_format=torch.channels_last)  # see common.features.extract_features
     open_stages = stages[cut:]
     for stage in open_stages:
         _disable_inplace(stage)

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,8 @@ __all__ = [
     "parse_run_config",
     "free_port",
     "flower_env",
-    "wait_healthy",
+    "process_group",
+    "superlink",
     "write_connection",
 ]
 
@@ -115,42 +116,37 @@ def wait_healthy(port: int, process: subprocess.Popen, log_file: Path, timeout: 
     raise SimulationError(f"flower-superlink did not become ready within {timeout:.0f} s; see {log_file}")
 
 
-class _SuperLink:
-    """A simulation SuperLink owned by this process, stopped on exit."""
+@contextlib.contextmanager
+def process_group(command: list[str], env: dict[str, str], log_file: Path) -> Iterator[subprocess.Popen]:
+    """Run ``command`` in its own process group, logging to ``log_file``; stop the whole group on exit.
 
-    def __init__(self, flwr_home: Path, env: dict[str, str]) -> None:
-        self.port = free_port()
-        self.log_file = flwr_home / f"superlink-{self.port}.log"
-        self.env = env
-        self.process: subprocess.Popen | None = None
+    Flower's daemons start children of their own (SuperExec, ClientApp
+    processes), so the group, not just the PID, is stopped.
+    """
+    with open(log_file, "wb") as log_handle:  # the child keeps its own descriptor
+        process = subprocess.Popen(command, env=env, stdout=log_handle, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield process
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
 
-    def __enter__(self) -> "_SuperLink":
-        command = [
-            "flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
-            "--host", "127.0.0.1", "--port", str(self.port),
-        ]
-        with open(self.log_file, "wb") as log_handle:  # the child keeps its own descriptor
-            self.process = subprocess.Popen(
-                command, env=self.env, stdout=log_handle, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        try:
-            wait_healthy(self.port, self.process, self.log_file)
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        try:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+@contextlib.contextmanager
+def superlink(flwr_home: Path, env: dict[str, str], *, simulation: bool) -> Iterator[int]:
+    """A SuperLink on a free loopback port, ready when entered, stopped on exit; yields its port."""
+    port = free_port()
+    log_file = flwr_home / f"superlink-{port}.log"
+    command = ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port)]
+    if simulation:
+        command += ["--simulation", "--isolation", "subprocess"]
+    with process_group(command, env, log_file) as process:
+        wait_healthy(port, process, log_file)
+        yield port
 
 
 def write_connection(flwr_home: Path, port: int, name: str = "fedhead-sim") -> str:
@@ -216,8 +212,8 @@ def run_simulation(
     federation_config = f"num-supernodes={num_sites} client-resources-num-cpus={cpus_per_site}"
     log.info("simulating %d sites; run folder %s", num_sites, run_dir / run_name)
     try:
-        with _SuperLink(flwr_home, env) as superlink:
-            connection = write_connection(flwr_home, superlink.port)
+        with superlink(flwr_home, env, simulation=True) as port:
+            connection = write_connection(flwr_home, port)
             command = [
                 "flwr", "run", str(root), connection, "--stream",
                 "--run-config", run_config_file, "--federation-config", federation_config,

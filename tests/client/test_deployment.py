@@ -2,36 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
-import signal
 import subprocess
-from pathlib import Path
 
 import pytest
 import tomli_w
 
 from common.config import build_run_config
 from simulations.prepare import prepare_federation
-from simulations.runner import flower_env, free_port, project_root, wait_healthy, write_connection
+from simulations.runner import flower_env, free_port, process_group, project_root, superlink, write_connection
 
 pytestmark = pytest.mark.slow
-
-
-def _start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    with open(log, "wb") as handle:
-        return subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _stop(process: subprocess.Popen) -> None:
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=20)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def test_two_sites_with_their_own_data_dirs(tmp_path):
@@ -39,17 +21,15 @@ def test_two_sites_with_their_own_data_dirs(tmp_path):
     home = tmp_path / "flwr-home"
     home.mkdir()
     env = flower_env(home)
-    port = free_port()
-    processes = [_start(["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port)], env, tmp_path / "superlink.log")]
-    try:
-        wait_healthy(port, processes[0], tmp_path / "superlink.log")
+    with contextlib.ExitStack() as stack:
+        port = stack.enter_context(superlink(home, env, simulation=False))
         for i, name in enumerate(("oslo", "bergen")):
             node_config = f"data-dir='{sites.partitions_dir / f'site-{i}.npz'}' site-name='{name}' cache-dir='{tmp_path / name}'"
             command = [
                 "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
                 "--port", str(free_port()), "--node-config", node_config,
             ]
-            processes.append(_start(command, env, tmp_path / f"{name}.log"))
+            stack.enter_context(process_group(command, env, tmp_path / f"{name}.log"))
         connection = write_connection(home, port, name="hospitals")
         run_config = {
             "num-server-rounds": 2, "local-epochs": 3, "lr": 0.01, "image-size": 32,
@@ -61,9 +41,6 @@ def test_two_sites_with_their_own_data_dirs(tmp_path):
             ["flwr", "run", str(project_root()), connection, "--stream", "--run-config", str(tmp_path / "run.toml")],
             env=env, capture_output=True, text=True, timeout=400, check=True,
         )
-    finally:
-        for process in reversed(processes):
-            _stop(process)
     summary = json.loads((tmp_path / "runs" / "deployed" / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["rounds_completed"] == 2
     assert summary["accuracy"] > 0.7  # chance is 0.1
