@@ -9,7 +9,6 @@ hash does not match is stale or corrupt, and is rebuilt, never reused.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -20,6 +19,9 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from common.files import atomic_path
+from common.hashing import sha256_json, sha256_tensor
 
 __all__ = ["FeatureCache", "CacheLookup"]
 
@@ -37,10 +39,6 @@ class CacheLookup:
     forwards: int  # images passed through the trunk to produce them (0 on a hit)
 
 
-def _tensor_sha256(tensor: torch.Tensor) -> str:
-    return hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()
-
-
 class FeatureCache:
     """A folder of feature files; thread- and process-safe through atomic renames."""
 
@@ -50,8 +48,7 @@ class FeatureCache:
     @staticmethod
     def key(parts: dict) -> str:
         """The entry name for a key: sha256 of its canonical JSON."""
-        canonical = json.dumps({"format": FORMAT_VERSION, **parts}, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()
+        return sha256_json({"format": FORMAT_VERSION, **parts})
 
     def path(self, parts: dict) -> Path:
         """The file an entry lives in."""
@@ -71,7 +68,7 @@ class FeatureCache:
                 problem = "its key does not match"
             elif features is None or features.shape[0] != num_items:
                 problem = f"it holds {None if features is None else features.shape[0]} items, expected {num_items}"
-            elif _tensor_sha256(features) != meta.get("sha256"):
+            elif sha256_tensor(features) != meta.get("sha256"):
                 problem = "its content hash does not match (corrupt)"
         except (SafetensorError, OSError, ValueError) as exc:
             problem = f"it cannot be read ({exc})"
@@ -85,15 +82,14 @@ class FeatureCache:
         """Write an entry atomically."""
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.path(parts)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         features = features.contiguous()
         metadata = {
             "key": self.key(parts),
-            "sha256": _tensor_sha256(features),
+            "sha256": sha256_tensor(features),
             "parts": json.dumps(parts, sort_keys=True),
         }
-        save_file({"features": features}, tmp, metadata=metadata)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file({"features": features}, tmp, metadata=metadata)
         return path
 
     def get_or_compute(self, parts: dict, num_items: int, compute: Callable[[], torch.Tensor]) -> CacheLookup:

@@ -8,7 +8,6 @@ never disagree about the set.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 
@@ -18,11 +17,12 @@ from torch import nn
 from common.backbones import BackboneSpec, get_backbone_spec
 from common.config import RunConfig
 from common.errors import ConfigError
+from common.hashing import sha256_arrays
 from common.heads import build_head, describe_head
 from common.preprocessing import Preprocessing, build_preprocessing
 from common.weights import load_pretrained_state
 
-__all__ = ["SplitModel", "TrainablePart", "build_split_model", "trainable_parameters", "state_sha256"]
+__all__ = ["SplitModel", "TrainablePart", "build_split_model", "trainable_parameters"]
 
 log = logging.getLogger(__name__)
 
@@ -75,18 +75,6 @@ def trainable_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(name, p) for name, p in module.named_parameters() if p.requires_grad]
 
 
-def state_sha256(state: dict[str, torch.Tensor]) -> str:
-    """sha256 over a state dict's names, shapes and bytes (order-independent)."""
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        tensor = state[name].detach().cpu().contiguous()
-        digest.update(name.encode())
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(str(tensor.dtype).encode())
-        digest.update(tensor.numpy().tobytes())
-    return digest.hexdigest()
-
-
 def _disable_inplace(module: nn.Module) -> None:
     for sub in module.modules():
         if hasattr(sub, "inplace") and isinstance(sub.inplace, bool):
@@ -110,7 +98,7 @@ def build_split_model(cfg: RunConfig, *, head_seed: int | None = None) -> SplitM
         state, weights_sha256 = load_pretrained_state(spec, cfg.weights_file)
         model.load_state_dict(state, strict=True)
     else:
-        weights_sha256 = "random-init:" + state_sha256(model.state_dict())
+        weights_sha256 = "random-init:" + sha256_arrays(model.state_dict())
     stages = spec.split(model)
     if cfg.unfreeze_blocks >= len(stages):
         raise ConfigError(

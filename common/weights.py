@@ -10,21 +10,20 @@ torchvision puts in its release name, and identified by its full sha256.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
 import shutil
-from functools import lru_cache
 from pathlib import Path
 
 import torch
 
 from common.backbones import BackboneSpec, get_backbone_spec, list_backbones
 from common.errors import WeightsError
+from common.files import atomic_path
+from common.hashing import sha256_file
 
 __all__ = [
-    "sha256_file",
     "hub_checkpoint_dir",
     "expected_filename",
     "resolve_weights_file",
@@ -35,21 +34,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _HASH_IN_NAME = re.compile(r"-([0-9a-f]{6,64})\.\w+$")
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file's bytes (memoised on path, size and mtime)."""
-    st = os.stat(path)
-    return _sha256_cached(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
-
-
-@lru_cache(maxsize=64)
-def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def hub_checkpoint_dir() -> Path:
@@ -150,8 +134,7 @@ def stage_weights_file(source: str | os.PathLike, backbone: str | None = None) -
     if dest.is_file() and sha256_file(dest) == sha256_file(src):
         log.info("%s is already staged at %s", src.name, dest)
         return dest
-    tmp = dest.with_suffix(dest.suffix + ".tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dest)
+    with atomic_path(dest) as tmp:
+        shutil.copyfile(src, tmp)
     log.info("staged %s for %s at %s", src.name, spec.name, dest)
     return dest

@@ -11,7 +11,6 @@ whole network (normalisation, frozen trunk, trained part) as a
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from common.files import atomic_path, write_json_atomic
 from common.model import SplitModel, trainable_parameters
 
 __all__ = ["export_model", "InferenceModel"]
@@ -45,7 +45,8 @@ def export_model(model: SplitModel, out_dir: Path, *, class_names: tuple[str, ..
     """Write head.safetensors, manifest.json and model.pt2 into ``out_dir``; return the manifest."""
     out_dir.mkdir(parents=True, exist_ok=True)
     params = {name: p.detach().cpu().contiguous() for name, p in trainable_parameters(model.trainable)}
-    save_file(params, out_dir / "head.safetensors")
+    with atomic_path(out_dir / "head.safetensors") as tmp:
+        save_file(params, tmp)
     manifest: dict[str, Any] = {
         "backbone": model.spec.name,
         "weights_sha256": model.weights_sha256,
@@ -64,7 +65,8 @@ def export_model(model: SplitModel, out_dir: Path, *, class_names: tuple[str, ..
         example = torch.rand(2, 3, size, size)
         batch = torch.export.Dim("batch", min=1, max=65536)
         program = torch.export.export(net, (example,), dynamic_shapes={"images": {0: batch}})
-        torch.export.save(program, out_dir / "model.pt2")
+        with atomic_path(out_dir / "model.pt2") as tmp:
+            torch.export.save(program, tmp)
         manifest["files"]["full_model"] = "model.pt2"
         manifest["full_model_usage"] = (
             "torch.export.load('model.pt2').module()(images); images: float32 (N, 3, "
@@ -73,5 +75,5 @@ def export_model(model: SplitModel, out_dir: Path, *, class_names: tuple[str, ..
     except Exception as exc:  # torch.export rejects some graphs; recorded, and the run is marked incomplete
         manifest["full_model_error"] = f"{type(exc).__name__}: {exc}"
         log.error("could not export the full model with torch.export (%s); head.safetensors is written", exc)
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    write_json_atomic(out_dir / "manifest.json", manifest)
     return manifest

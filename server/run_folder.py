@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from dataclasses import dataclass
@@ -10,8 +9,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from common.config import RunConfig
+from common.config import RunConfig, is_plain_name
 from common.errors import ConfigError
+from common.files import ensure_writable_dir, write_json_atomic
 
 __all__ = ["RunFolder", "default_run_name", "package_versions"]
 
@@ -43,10 +43,13 @@ class RunFolder:
     @classmethod
     def create(cls, cfg: RunConfig) -> "RunFolder":
         """Make ``run-dir/run-name``; a folder that already holds a run is an error."""
-        root = Path(cfg.run_dir) / (cfg.run_name or default_run_name(cfg))
+        name = cfg.run_name or default_run_name(cfg)
+        if not is_plain_name(name):
+            raise ConfigError(f"run-name {name!r} is not a plain folder name; use letters, digits, '.', '_' and '-'")
+        root = ensure_writable_dir(cfg.run_dir, "run-dir") / name
         if (root / "config.json").exists():
             raise ConfigError(f"run folder {root} already holds a run; choose another run-name or remove it")
-        root.mkdir(parents=True, exist_ok=True)
+        root.mkdir(exist_ok=True)
         return cls(root)
 
     @property
@@ -63,8 +66,4 @@ class RunFolder:
 
     def write_json(self, name: str, content: dict[str, Any]) -> Path:
         """Write ``content`` as indented JSON, atomically."""
-        path = self.root / name
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        tmp.replace(path)
-        return path
+        return write_json_atomic(self.root / name, content)

@@ -11,7 +11,8 @@ from common.backbones import get_backbone_spec
 from common.config import build_run_config
 from common.errors import WeightsError
 from common.model import build_split_model
-from common.weights import expected_filename, hub_checkpoint_dir, resolve_weights_file, sha256_file, stage_weights_file
+from common.hashing import sha256_file
+from common.weights import expected_filename, hub_checkpoint_dir, resolve_weights_file, stage_weights_file
 
 MOBILENET_V2_SHA256 = "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
 
