@@ -2,27 +2,41 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from datasets import Dataset
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner, ShardPartitioner
 
 from common.errors import ConfigError
 
-__all__ = ["partition_indices"]
+__all__ = ["PARTITIONERS", "partition_indices"]
+
+
+def _iid(num_sites: int, *, alpha: float, shards_per_site: int, seed: int) -> Partitioner:
+    return IidPartitioner(num_partitions=num_sites)
+
+
+def _dirichlet(num_sites: int, *, alpha: float, shards_per_site: int, seed: int) -> Partitioner:
+    return DirichletPartitioner(
+        num_partitions=num_sites, partition_by="label", alpha=alpha, min_partition_size=10, seed=seed
+    )
+
+
+def _shard(num_sites: int, *, alpha: float, shards_per_site: int, seed: int) -> Partitioner:
+    return ShardPartitioner(
+        num_partitions=num_sites, partition_by="label", num_shards_per_partition=shards_per_site, seed=seed
+    )
+
+
+# run-config 'partitioner' -> flwr-datasets partitioner (the names common.config accepts).
+PARTITIONERS: dict[str, Callable[..., Partitioner]] = {"iid": _iid, "dirichlet": _dirichlet, "shard": _shard}
 
 
 def _partitioner(kind: str, num_sites: int, *, alpha: float, shards_per_site: int, seed: int) -> Partitioner:
-    if kind == "iid":
-        return IidPartitioner(num_partitions=num_sites)
-    if kind == "dirichlet":
-        return DirichletPartitioner(
-            num_partitions=num_sites, partition_by="label", alpha=alpha, min_partition_size=10, seed=seed
-        )
-    if kind == "shard":
-        return ShardPartitioner(
-            num_partitions=num_sites, partition_by="label", num_shards_per_partition=shards_per_site, seed=seed
-        )
-    raise ConfigError(f"unknown partitioner '{kind}'; choose iid, dirichlet or shard")
+    if kind not in PARTITIONERS:
+        raise ConfigError(f"unknown partitioner '{kind}'; choose one of: {', '.join(PARTITIONERS)}")
+    return PARTITIONERS[kind](num_sites, alpha=alpha, shards_per_site=shards_per_site, seed=seed)
 
 
 def partition_indices(

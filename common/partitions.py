@@ -1,29 +1,38 @@
-"""Writing each simulated site's data as the .npz file a real site would have.
+"""Each simulated site's data, written once as the .npz file a real site would have.
 
 ``prepare_federation`` partitions the benchmark's training split among the
 sites, carves each site's validation split, and writes ``site-<i>.npz``
 (MedMNIST layout) plus ``test.npz`` (the held-out test split, for server-side
 evaluation) into a folder keyed by everything the split depends on, so a
 repeated run reuses it and a changed setting never does.
+
+``fedhead simulate`` prepares the files before it starts Flower; a simulated
+ClientApp started by ``flwr run .`` prepares (or finds) the same files from its
+``partition-id`` / ``num-partitions`` under ``$FEDHEAD_HOME``. A file lock
+keeps concurrent sites from preparing the same folder twice.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
-import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from common.config import RunConfig
+from common.benchmarks import load_benchmark
 from common.errors import DataError
-from simulations.datasets import load_benchmark
-from simulations.partitioning import partition_indices
+from common.files import atomic_path, write_json_atomic
+from common.hashing import sha256_json
+from common.partitioning import partition_indices
 
-__all__ = ["Federation", "prepare_federation"]
+__all__ = ["Federation", "prepare_federation", "partition_file"]
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +59,9 @@ def _source_stamp(cfg: RunConfig) -> str:
 
 
 def _key(cfg: RunConfig, num_sites: int) -> str:
+    """Everything the split depends on (not class names: they only label it)."""
     parts = {
         "source": _source_stamp(cfg),
-        "classes": cfg.classes,
         "format": FORMAT_VERSION,
         "dataset": cfg.dataset,
         "dataset_path": str(Path(cfg.dataset_path).expanduser().resolve()) if cfg.dataset_path else "",
@@ -65,18 +74,41 @@ def _key(cfg: RunConfig, num_sites: int) -> str:
         "num_sites": num_sites,
         "seed": cfg.seed,
     }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    return sha256_json(parts)[:16]
 
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        np.savez(tmp, **arrays)
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (other processes preparing it wait)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def prepare_federation(cfg: RunConfig, num_sites: int, *, cache_root: Path) -> Federation:
     """Write (or reuse) the site files for ``num_sites`` sites under ``cache_root``."""
     out = cache_root / "partitions" / f"{cfg.dataset}-{cfg.partitioner}-{num_sites}sites-{_key(cfg, num_sites)}"
+    with _locked(cache_root / "partitions"):
+        return _prepare(cfg, num_sites, out, cache_root)
+
+
+def partition_file(cfg: RunConfig, *, partition_id: int, num_partitions: int, cache_root: Path) -> Path:
+    """The .npz of simulated site ``partition_id`` of ``num_partitions``, prepared if not there yet."""
+    if not 0 <= partition_id < num_partitions:
+        raise DataError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
+    return prepare_federation(cfg, num_partitions, cache_root=cache_root).partitions_dir / f"site-{partition_id}.npz"
+
+
+def _prepare(cfg: RunConfig, num_sites: int, out: Path, cache_root: Path) -> Federation:
     manifest_path = out / "manifest.json"
     if manifest_path.exists():
         manifest = json.loads(manifest_path.read_text())
@@ -116,6 +148,6 @@ def prepare_federation(cfg: RunConfig, num_sites: int, *, cache_root: Path) -> F
         sites.append({"site": f"site-{i}", "train": int(len(train)), "val": int(len(val)), "label_histogram": histogram})
     _save_npz(out / "test.npz", test_images=bench.test_images, test_labels=bench.test_labels)
     manifest = {"dataset": bench.name, "classes": list(bench.classes), "sites": sites, "test": int(len(bench.test_labels))}
-    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    write_json_atomic(manifest_path, manifest)
     log.info("wrote %d site partitions of %s to %s", num_sites, bench.name, out)
     return Federation(out, out / "test.npz", bench.classes, sites)

@@ -27,7 +27,7 @@ from common.errors import DataError
 from common.exchange import arrays_nbytes, to_arrayrecord
 from common.model import build_split_model
 from server.summary import module_bytes
-from simulations.datasets import load_benchmark
+from common.benchmarks import load_benchmark
 
 __all__ = ["run_bench"]
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from client.site_data import load_site_data, resolve_site_data_path
+from client.site_data import load_site_data
 from common.config import build_run_config
 from common.errors import DataError
 
@@ -40,23 +40,14 @@ def test_image_folder_skips_and_reports_a_corrupt_image(tmp_path, digits):
     (tmp_path / "a" / "broken.png").write_bytes(b"not an image")
     site = load_site_data(tmp_path, build_run_config(classes="a,b", val_fraction=0.25))
     assert len(site.train) + len(site.val) == 20
-    assert [p.endswith("broken.png") for p in site.skipped] == [True]
+    assert [s.path.endswith("broken.png") for s in site.skipped] == [True]
+    assert "not an image" in site.skipped[0].reason
 
 
 def test_unknown_class_folder_is_refused(tmp_path):
     (tmp_path / "zebra").mkdir()
     with pytest.raises(DataError, match="zebra"):
         load_site_data(tmp_path, build_run_config(classes="a,b"))
-
-
-def test_site_without_data_dir_is_told_how_to_give_one():
-    with pytest.raises(DataError, match="data-dir"):
-        resolve_site_data_path({}, build_run_config())
-
-
-def test_simulated_site_without_partitions_points_to_simulate():
-    with pytest.raises(DataError, match="fedhead simulate"):
-        resolve_site_data_path({"partition-id": 0}, build_run_config())
 
 
 def test_sixteen_bit_and_mixed_channel_images_keep_their_contrast(tmp_path):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from common.errors import ConfigError
-from simulations.partitioning import partition_indices
+from common.partitioning import partition_indices
 
 
 @pytest.mark.parametrize("kind", ["iid", "dirichlet", "shard"])

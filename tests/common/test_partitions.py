@@ -9,7 +9,7 @@ from PIL import Image
 from client.site_data import load_site_data
 from common.config import build_run_config
 from common.errors import DataError
-from simulations.prepare import prepare_federation
+from common.partitions import prepare_federation
 
 
 def _assert_sites_load(federation, cfg, num_sites):

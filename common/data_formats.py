@@ -1,0 +1,245 @@
+"""The one reader per data format (MedMNIST-style .npz, image file, image folder), used by every caller.
+
+An .npz's problems are collected and raised once, as one DataError. An image
+that cannot be decoded safely (not an image, truncated, corrupt, a
+decompression bomb) raises UnreadableImageError; folder readers skip it and
+return a SkippedFile with the reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import struct
+import warnings
+import zipfile
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from common.errors import DataError
+
+__all__ = [
+    "IMAGE_SUFFIXES", "Split", "SkippedFile", "UnreadableImageError",
+    "read_npz", "image_to_uint8", "read_image_file", "read_image_folder", "read_site_folder",
+    "read_benchmark_folder", "check_labels", "empty_classes",
+]
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"})
+_LAYOUT = "expected the MedMNIST layout: '<split>_images' (uint8) and '<split>_labels' (one class index per image)"
+_NPZ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error)
+
+
+@dataclass
+class Split:
+    """Images (one uint8 tensor, or a list of single (C, H, W) images) and int64 labels."""
+
+    images: torch.Tensor | list[torch.Tensor]
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def fingerprint(self) -> str:
+        """sha256 over the images' and labels' bytes: changes whenever the data does."""
+        digest = hashlib.sha256()
+        images = [self.images] if isinstance(self.images, torch.Tensor) else self.images
+        for img in images:
+            digest.update(str(tuple(img.shape)).encode())
+            digest.update(img.contiguous().numpy().tobytes())
+        digest.update(self.labels.numpy().astype(np.int64).tobytes())
+        return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    """A file a folder reader left out, and why."""
+
+    path: str
+    reason: str
+
+
+class UnreadableImageError(DataError):
+    """An image file that cannot be decoded safely; ``reason`` says why, without the path."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path, self.reason = str(path), reason
+        super().__init__(f"cannot read image '{path}': {reason}; replace or remove the file")
+
+
+def read_npz(
+    path: str | Path, *, prefixes: Sequence[str] = ("train", "val", "test"), required: Sequence[str] = ()
+) -> dict[str, Split]:
+    """The splits among ``prefixes`` in a MedMNIST-style .npz; all of ``required`` must be there, else DataError."""
+    path = Path(path)
+    present, arrays = _load_arrays(path, {f"{p}_{kind}" for p in prefixes for kind in ("images", "labels")})
+    problems: list[str] = []
+    splits: dict[str, Split] = {}
+    for prefix in prefixes:
+        images, labels = arrays.get(f"{prefix}_images"), arrays.get(f"{prefix}_labels")
+        if images is None and labels is None:
+            if prefix in required:
+                problems.append(f"must hold '{prefix}_images' and '{prefix}_labels' arrays; it has {present}")
+            continue
+        split = _npz_split(prefix, images, labels, problems)
+        if split is not None:
+            splits[prefix] = split
+    if problems:
+        raise DataError(f"'{path}': " + "; ".join(problems) + f" ({_LAYOUT})")
+    return splits
+
+
+def _load_arrays(path: Path, keys: set[str]) -> tuple[list[str], dict[str, np.ndarray]]:
+    fix = "write it with numpy.savez(path, train_images=..., train_labels=...)"
+    if not zipfile.is_zipfile(path):  # before np.load, which would try (and refuse) to unpickle it
+        found = "not a zip of .npy arrays" if path.is_file() else "no such file"
+        raise DataError(f"'{path}' is not an .npz archive ({found}); {fix}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            present = sorted(data.files)
+            return present, {name: np.asarray(data[name]) for name in present if name in keys}
+    except _NPZ_ERRORS as exc:
+        raise DataError(f"cannot read '{path}' as an .npz archive: {exc}; {fix}") from exc
+
+
+def _npz_split(prefix: str, images: np.ndarray | None, labels: np.ndarray | None, problems: list[str]) -> Split | None:
+    if images is None or labels is None:
+        have, lack = (f"{prefix}_labels", f"{prefix}_images") if images is None else (f"{prefix}_images", f"{prefix}_labels")
+        problems.append(f"it has '{have}' but no '{lack}'; add '{lack}' (one per {'label' if images is None else 'image'}) or remove '{have}'")
+        return None
+    before = len(problems)
+    if images.dtype != np.uint8:
+        problems.append(f"'{prefix}_images' has dtype {images.dtype}; expected uint8 (0-255): rescale and store with .astype(np.uint8)")
+    if images.ndim not in (3, 4):
+        problems.append(f"'{prefix}_images' has shape {images.shape}; expected (N, H, W), (N, H, W, C) or (N, C, H, W)")
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.ndim != 1:
+        problems.append(f"'{prefix}_labels' has shape {labels.shape}; expected one class index per image, shape (N,) or (N, 1)")
+    elif not np.issubdtype(labels.dtype, np.integer):
+        problems.append(f"'{prefix}_labels' has dtype {labels.dtype}; expected integer class indices: store them with .astype(np.int64)")
+    elif labels.size and int(labels.min()) < 0:
+        low, count = int(labels.min()), int((labels < 0).sum())
+        problems.append(f"'{prefix}_labels' has {count} negative labels (lowest {low}); expected class indices 0..num_classes-1")
+    if images.ndim >= 1 and labels.ndim == 1 and len(images) != len(labels):
+        problems.append(f"{len(images)} '{prefix}_images' but {len(labels)} '{prefix}_labels'; give exactly one label per image")
+    return None if len(problems) > before else Split(torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels.astype(np.int64)))
+
+
+def image_to_uint8(img: Image.Image) -> np.ndarray:
+    """8-bit pixels, (H, W) for greyscale or (H, W, 3); 16-bit and float images are rescaled from their own range."""
+    if img.mode.startswith("I") or img.mode == "F":
+        array = np.asarray(img, dtype=np.float64)
+        if not np.isfinite(array).all():
+            raise ValueError(f"{img.mode} image has non-finite pixel values")
+        low, high = float(array.min()), float(array.max())
+        scaled = (array - low) / (high - low) * 255.0 if high > low else np.zeros_like(array)
+        return np.rint(scaled).astype(np.uint8)
+    if img.mode in ("L", "1", "LA"):
+        return np.asarray(img.convert("L"), dtype=np.uint8)
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def read_image_file(path: str | Path) -> torch.Tensor:
+    """One image as (C, H, W) uint8: C = 1 for greyscale, else 3 (palette, RGBA, CMYK -> RGB).
+
+    UnreadableImageError: not an image, truncated or corrupt, or over ``PIL.Image.MAX_IMAGE_PIXELS``.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                array = image_to_uint8(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise UnreadableImageError(path, f"decompression bomb refused: {exc}") from exc
+    except UnidentifiedImageError as exc:
+        raise UnreadableImageError(path, "not an image file that PIL can identify") from exc
+    except _DECODE_ERRORS as exc:
+        raise UnreadableImageError(path, f"truncated or corrupt image: {exc}") from exc
+    tensor = torch.from_numpy(array.copy())
+    return tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1)
+
+
+def read_image_folder(root: str | Path, class_names: Sequence[str]) -> tuple[Split, list[SkippedFile]]:
+    """Images under ``root/<class>/`` (any depth), labelled by the class's index in ``class_names``.
+
+    Unreadable image files are skipped and returned with reasons; other files and hidden (``.*``) names are ignored.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"'{root}' is not a folder; expected one sub-folder per class ({', '.join(class_names)})")
+    index = {name: i for i, name in enumerate(class_names)}
+    entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
+    folders = [p for p in entries if p.is_dir()]
+    unknown = [p.name for p in folders if p.name not in index]
+    if unknown:
+        raise DataError(
+            f"'{root}' has class folders {unknown} that are not among the run's classes "
+            f"({', '.join(class_names)}); rename them or set run-config 'classes'"
+        )
+    outside = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    skipped = [SkippedFile(str(p), "image outside any class folder; move it into its class's folder") for p in outside]
+    images, labels = [], []
+    for folder in folders:
+        for file in sorted(folder.rglob("*")):
+            hidden = any(part.startswith(".") for part in file.relative_to(folder).parts)
+            if file.suffix.lower() not in IMAGE_SUFFIXES or hidden or not file.is_file():
+                continue
+            try:
+                images.append(read_image_file(file))
+            except UnreadableImageError as exc:
+                skipped.append(SkippedFile(str(file), exc.reason))
+                continue
+            labels.append(index[folder.name])
+    for item in skipped:
+        log.warning("skipping %s: %s", item.path, item.reason)
+    return Split(images, torch.tensor(labels, dtype=torch.int64)), skipped
+
+
+def read_site_folder(root: str | Path, class_names: Sequence[str]) -> tuple[Split, Split | None, list[SkippedFile]]:
+    """(train, val or None, skipped) of a site's folder: class folders in ``root``, or in ``train/`` and optional ``val/``."""
+    root = Path(root)
+    flat = not (root / "train").is_dir() or "train" in class_names
+    train, skipped = read_image_folder(root if flat else root / "train", class_names)
+    if flat or not (root / "val").is_dir():
+        return train, None, skipped
+    val, more = read_image_folder(root / "val", class_names)
+    return train, val, skipped + more
+
+
+def read_benchmark_folder(root: str | Path) -> tuple[Split, Split, tuple[str, ...], list[SkippedFile]]:
+    """(train, test, classes, skipped) of ``root/train/`` and ``root/test/``; classes: train/'s sub-folders, sorted."""
+    root = Path(root)
+    if not (root / "train").is_dir() or not (root / "test").is_dir():
+        raise DataError(f"'{root}' must hold train/ and test/ folders, each with one sub-folder per class")
+    classes = tuple(sorted(p.name for p in (root / "train").iterdir() if p.is_dir() and not p.name.startswith(".")))
+    if not classes:
+        raise DataError(f"'{root / 'train'}' has no class sub-folders; put each class's images in train/<class>/")
+    train, skipped = read_image_folder(root / "train", classes)
+    test, more = read_image_folder(root / "test", classes)
+    return train, test, classes, skipped + more
+
+
+def check_labels(split: Split, num_classes: int, what: str) -> None:
+    """Raise DataError unless every label of ``split`` is in 0..num_classes-1; ``what`` names the split."""
+    if len(split) == 0:
+        return
+    low, high = int(split.labels.min()), int(split.labels.max())
+    if low < 0 or high >= num_classes:
+        fix = f"(labels 0..{num_classes - 1}); check the data or run-config 'classes'"
+        raise DataError(f"{what} labels range {low}..{high}, but the run has {num_classes} classes {fix}")
+
+
+def empty_classes(split: Split, class_names: Sequence[str]) -> list[str]:
+    """The classes with no example in ``split`` (to warn about: a non-IID site may lack some)."""
+    present = set(split.labels.tolist())
+    return [name for i, name in enumerate(class_names) if i not in present]
