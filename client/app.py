@@ -1,116 +1,159 @@
 """The ClientApp a site runs: thin handlers around real functions.
 
 A ClientApp process lives for one message, so everything a site keeps between
-rounds (the feature cache) is on disk. Before touching any data the site checks
-that the server's backbone is the one it has.
+rounds (the feature cache) is on disk, in the site's own ``state-dir``. Before
+touching any data the site checks that the server's backbone is the one it
+has. What goes back is built with :mod:`common.protocol`: the trainable
+parameters and declared metric numbers only. A failure is logged in full here
+and reported to the server without the site's paths or file names.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.feature_cache import FeatureCache
 from client.feature_source import build_feature_source
-from client.site_data import SiteData, load_site_data, resolve_site_data_path, site_name
+from client.site_data import SiteData, load_site_data
 from client.training import evaluate_locally, train_locally
 from common.config import RunConfig, build_run_config
-from common.errors import FingerprintError
+from common.errors import FingerprintError, public_reason
 from common.exchange import load_arrayrecord, to_arrayrecord
 from common.logs import configure_logging
 from common.model import SplitModel, build_split_model
+from common.paths import fedhead_home
+from common.protocol import (
+    EvaluateMetrics,
+    Instruction,
+    SiteInfo,
+    TrainMetrics,
+    build_evaluate_content,
+    build_train_content,
+    parse_instruction,
+)
+from common.site_config import SiteConfig, build_site_config
 
 __all__ = ["app"]
 
 log = logging.getLogger(__name__)
 
+# Flower's ErrorCode.CLIENT_APP_RAISED_EXCEPTION: the site's handler raised.
+_HANDLER_FAILED = 2
+
 app = ClientApp()
 
 
-def _prepare(msg: Message, context: Context) -> tuple[RunConfig, SplitModel, SiteData]:
-    configure_logging()
+@dataclass
+class _Site:
+    """What a handler works with, each part validated once."""
+
+    cfg: RunConfig
+    site_cfg: SiteConfig
+    instruction: Instruction
+    model: SplitModel
+    data: SiteData
+
+    @property
+    def cache(self) -> FeatureCache | None:
+        return FeatureCache(self.site_cfg.cache_dir) if self.cfg.cache_features else None
+
+    @property
+    def info(self) -> SiteInfo:
+        return SiteInfo(self.site_cfg.site_name, self.model.weights_sha256, len(self.data.skipped))
+
+
+def _data_path(cfg: RunConfig, site_cfg: SiteConfig) -> Path:
+    """The site's own data, or (simulated site) its prepared partition file."""
+    if site_cfg.data_dir is not None:
+        return site_cfg.data_dir
+    from common.partitions import partition_file  # a real site never pays for flwr-datasets' import
+
+    return partition_file(
+        cfg,
+        partition_id=int(site_cfg.partition_id or 0),
+        num_partitions=int(site_cfg.num_partitions or 1),
+        cache_root=fedhead_home(),
+    )
+
+
+def _prepare(msg: Message, context: Context) -> _Site:
     cfg = build_run_config(context.run_config)
+    site_cfg = build_site_config(context.node_config)
+    instruction = parse_instruction(msg)
     model = build_split_model(cfg)
-    expected = msg.content["config"].get("backbone-sha256", "")
-    if expected != model.weights_sha256:
+    if instruction.backbone_sha256 != model.weights_sha256:
         raise FingerprintError(
-            f"the server's backbone has weights sha256 {str(expected)[:16]}..., this site's "
+            f"the server's backbone has weights sha256 {instruction.backbone_sha256[:16]}..., this site's "
             f"{cfg.backbone} has {model.weights_sha256[:16]}...; provision the same weights "
             f"file (`fedhead weights stage FILE`) before joining"
         )
-    load_arrayrecord(model.trainable, msg.content["arrays"])
-    name = site_name(context.node_config)
-    path = resolve_site_data_path(context.node_config, cfg)
-    site = load_site_data(path, cfg, name=name)
-    return cfg, model, site
+    load_arrayrecord(model.trainable, instruction.arrays)
+    data = load_site_data(_data_path(cfg, site_cfg), cfg, name=site_cfg.site_name)
+    return _Site(cfg, site_cfg, instruction, model, data)
 
 
-def _cache(cfg: RunConfig, node_config: Mapping[str, Any]) -> FeatureCache | None:
-    """The site's feature cache: node_config's ``cache-dir`` (the site's own disk) wins over the run's."""
-    if not cfg.cache_features:
-        return None
-    return FeatureCache(Path(str(node_config.get("cache-dir", cfg.cache_dir))).expanduser())
+def _answer(msg: Message, context: Context, handler: Callable[[_Site], RecordDict]) -> Message:
+    """Run ``handler``; on any failure log it in full and send the server a path-free reason."""
+    configure_logging()
+    try:
+        return Message(content=handler(_prepare(msg, context)), reply_to=msg)
+    except Exception as exc:  # the boundary: every failure becomes an error reply, logged here with its traceback
+        log.exception("this site could not answer the server's %s request", msg.metadata.message_type)
+        return Message(Error(code=_HANDLER_FAILED, reason=public_reason(exc)), reply_to=msg)
 
 
-def _site_record(site: SiteData, model: SplitModel) -> ConfigRecord:
-    return ConfigRecord({"site": site.name, "backbone-sha256": model.weights_sha256, "skipped-images": len(site.skipped)})
+def _train(site: _Site) -> RecordDict:
+    started = time.monotonic()
+    cfg, data = site.cfg, site.data
+    cache = site.cache
+    train_source = build_feature_source(
+        site.model, data.train, cache=cache, augment_views=cfg.augment_views, seed=cfg.seed, label=f"{data.name} train"
+    )
+    val_source = build_feature_source(site.model, data.val, cache=cache, augment_views=0, seed=cfg.seed, label=f"{data.name} val")
+    report = train_locally(
+        site.model.trainable,
+        train_source,
+        data.train.labels,
+        val_source,
+        data.val.labels,
+        cfg,
+        server_round=site.instruction.server_round,
+        proximal_mu=site.instruction.proximal_mu,
+    )
+    metrics = TrainMetrics(
+        num_examples=report.num_examples,
+        train_loss=report.train_loss,
+        epochs_run=report.epochs_run,
+        backbone_forwards_train=train_source.forwards,
+        backbone_forwards_eval=val_source.forwards,
+        cache_hits=train_source.hits + val_source.hits,
+        seconds=time.monotonic() - started,
+    )
+    return build_train_content(to_arrayrecord(site.model.trainable), metrics, site.info)
+
+
+def _evaluate(site: _Site) -> RecordDict:
+    data = site.data
+    val_source = build_feature_source(site.model, data.val, cache=site.cache, augment_views=0, seed=site.cfg.seed, label=f"{data.name} val")
+    scores = evaluate_locally(site.model.trainable, val_source, data.val.labels, site.cfg.num_classes) if len(data.val) else {}
+    metrics = EvaluateMetrics(num_examples=len(data.val), backbone_forwards_eval=val_source.forwards, **scores)
+    return build_evaluate_content(metrics, site.info)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received trainable part on this site's data; send back only that part."""
-    started = time.monotonic()
-    cfg, model, site = _prepare(msg, context)
-    server_round = int(msg.content["config"].get("server-round", 0))
-    cache = _cache(cfg, context.node_config)
-    train_source = build_feature_source(
-        model, site.train, cache=cache, augment_views=cfg.augment_views, seed=cfg.seed, label=f"{site.name} train"
-    )
-    val_source = build_feature_source(model, site.val, cache=cache, augment_views=0, seed=cfg.seed, label=f"{site.name} val")
-    report = train_locally(
-        model.trainable,
-        train_source,
-        site.train.labels,
-        val_source,
-        site.val.labels,
-        cfg,
-        server_round=server_round,
-        proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)),
-    )
-    metrics = MetricRecord(
-        {
-            "num-examples": report.num_examples,
-            "train-loss": report.train_loss,
-            "epochs-run": report.epochs_run,
-            "backbone-forwards-train": train_source.forwards,
-            "backbone-forwards-eval": val_source.forwards,
-            "cache-hits": train_source.hits + val_source.hits,
-            "seconds": time.monotonic() - started,
-        }
-    )
-    content = RecordDict({"arrays": to_arrayrecord(model.trainable), "metrics": metrics, "site": _site_record(site, model)})
-    return Message(content=content, reply_to=msg)
+    return _answer(msg, context, _train)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received trainable part on this site's validation split."""
-    cfg, model, site = _prepare(msg, context)
-    val_source = build_feature_source(
-        model, site.val, cache=_cache(cfg, context.node_config), augment_views=0, seed=cfg.seed, label=f"{site.name} val"
-    )
-    scores = evaluate_locally(model.trainable, val_source, site.val.labels, cfg.num_classes)
-    metrics = MetricRecord(
-        {
-            "num-examples": len(site.val),
-            **{f"eval-{k}": v for k, v in scores.items()},
-            "backbone-forwards-eval": val_source.forwards,
-        }
-    )
-    return Message(content=RecordDict({"metrics": metrics, "site": _site_record(site, model)}), reply_to=msg)
+    return _answer(msg, context, _evaluate)

@@ -10,19 +10,30 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from common.errors import ConfigError
 
-__all__ = ["RunConfig", "STRATEGIES", "HEADS", "PARTITIONERS", "OPTIMIZERS", "DATASETS", "build_run_config"]
+__all__ = ["is_plain_name", "RunConfig", "STRATEGIES", "HEADS", "PARTITIONERS", "OPTIMIZERS", "DATASETS", "DP_MODES", "ACCOUNTANTS", "build_run_config"]
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
 HEADS = ("linear", "mlp")
 PARTITIONERS = ("iid", "dirichlet", "shard")
 OPTIMIZERS = ("adam", "sgd")
 DATASETS = ("fashion-mnist", "digits", "npz", "image-folder")
+DP_MODES = ("none", "sample", "central", "both")
+ACCOUNTANTS = ("rdp", "prv", "gdp")
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+
+
+def is_plain_name(name: str) -> bool:
+    """True for a name safe as one folder name: no separators, no leading dot, no ``..``."""
+    return bool(_PLAIN_NAME.fullmatch(name)) and ".." not in name
+
 
 FASHION_MNIST_CLASSES = (
     "T-shirt/top,Trouser,Pullover,Dress,Coat,Sandal,Shirt,Sneaker,Bag,Ankle boot"
@@ -43,6 +54,7 @@ class RunConfig:
     server_lr: float = 0.1
     trimmed_beta: float = 0.2
     krum_malicious: int = 0
+    max_examples_per_site: int = 1_000_000
     # backbone and head
     backbone: str = "mobilenet_v2"
     pretrained: bool = True
@@ -63,7 +75,6 @@ class RunConfig:
     early_stopping_patience: int = 0
     augment_views: int = 0
     cache_features: bool = True
-    cache_dir: str = ".cache/fedhead/features"
     # data (simulation)
     dataset: str = "fashion-mnist"
     dataset_path: str = ""
@@ -72,10 +83,10 @@ class RunConfig:
     shards_per_site: int = 2
     examples_per_site: int = 0
     val_fraction: float = 0.1
-    partitions_dir: str = ""
     server_eval_data: str = ""
-    # privacy (record-level DP at the sites)
-    dp: bool = False
+    # privacy: record-level DP-SGD at the sites ('sample'), client-level DP at the server ('central'), or both
+    dp: str = "none"
+    accountant: str = "rdp"
     target_epsilon: float = 8.0
     target_delta: float = 1e-5
     max_grad_norm: float = 1.0
@@ -176,6 +187,10 @@ def _problems(cfg: RunConfig) -> list[str]:
     need(cfg.server_lr > 0, f"'server-lr' = {cfg.server_lr}: must be > 0")
     need(0.0 <= cfg.trimmed_beta < 0.5, f"'trimmed-beta' = {cfg.trimmed_beta}: must be in [0, 0.5)")
     need(cfg.krum_malicious >= 0, f"'krum-malicious' = {cfg.krum_malicious}: must be >= 0")
+    need(
+        cfg.max_examples_per_site >= 1,
+        f"'max-examples-per-site' = {cfg.max_examples_per_site}: must be >= 1 (replies claiming more are rejected)",
+    )
     need(cfg.unfreeze_blocks >= 0, f"'unfreeze-blocks' = {cfg.unfreeze_blocks}: must be >= 0")
     need(cfg.backbone_lr_scale > 0, f"'backbone-lr-scale' = {cfg.backbone_lr_scale}: must be > 0")
     need(cfg.head in HEADS, f"'head' = {cfg.head!r}: choose one of {', '.join(HEADS)}")
@@ -200,10 +215,13 @@ def _problems(cfg: RunConfig) -> list[str]:
     need(cfg.target_epsilon > 0, f"'target-epsilon' = {cfg.target_epsilon}: must be > 0")
     need(0.0 < cfg.target_delta < 1.0, f"'target-delta' = {cfg.target_delta}: must be in (0, 1)")
     need(cfg.max_grad_norm > 0, f"'max-grad-norm' = {cfg.max_grad_norm}: must be > 0")
-    need(
-        not cfg.dp,
-        "'dp' = true: site-level DP-SGD is not part of this release yet; run with dp=false",
-    )
+    need(cfg.dp in DP_MODES, f"'dp' = {cfg.dp!r}: choose one of {', '.join(DP_MODES)}")
+    need(cfg.dp == "none", f"'dp' = {cfg.dp!r}: differential privacy is not part of this release yet; run with dp='none'")
+    need(cfg.accountant in ACCOUNTANTS, f"'accountant' = {cfg.accountant!r}: choose one of {', '.join(ACCOUNTANTS)}")
     need(bool(cfg.run_dir), "'run-dir' is empty: give a folder for run outputs")
-    need(bool(cfg.cache_dir), "'cache-dir' is empty: give a folder for the feature cache")
+    need(
+        not cfg.run_name or is_plain_name(cfg.run_name),
+        f"'run-name' = {cfg.run_name!r}: use letters, digits, '.', '_' and '-' only, not starting with '.' "
+        "(no path separators or '..')",
+    )
     return problems

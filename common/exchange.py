@@ -15,17 +15,13 @@ from torch import nn
 from common.errors import ReplyError
 from common.model import trainable_parameters
 
-__all__ = ["TRAIN_METRIC_KEYS", "EVAL_METRIC_KEYS", "Layout", "trainable_layout", "to_arrayrecord", "validate_arrays", "load_arrayrecord", "arrays_nbytes"]
+__all__ = ["MAX_ABS_PARAMETER", "Layout", "trainable_layout", "to_arrayrecord", "validate_arrays", "load_arrayrecord", "arrays_nbytes"]
 
 Layout = dict[str, tuple[tuple[int, ...], str]]
 
-# The MetricRecord keys a site's replies carry; the server accepts exactly these.
-TRAIN_METRIC_KEYS = frozenset(
-    {"num-examples", "train-loss", "epochs-run", "backbone-forwards-train", "backbone-forwards-eval", "cache-hits", "seconds"}
-)
-EVAL_METRIC_KEYS = frozenset(
-    {"num-examples", "backbone-forwards-eval"} | {f"eval-{m}" for m in ("loss", "accuracy", "precision", "recall", "f1", "auroc")}
-)
+# No trained head or open block holds a parameter this large; a value beyond it
+# is a malformed or hostile update, refused before it can dominate an average.
+MAX_ABS_PARAMETER = 1e4
 
 
 def trainable_layout(module: nn.Module) -> Layout:
@@ -44,7 +40,7 @@ def to_arrayrecord(module: nn.Module) -> ArrayRecord:
 
 
 def validate_arrays(record: ArrayRecord, layout: Layout) -> list[str]:
-    """Every way ``record`` differs from ``layout``: keys, shapes, dtypes, non-finite values."""
+    """Every way ``record`` differs from ``layout``: keys, shapes, dtypes, non-finite or huge values."""
     problems: list[str] = []
     received = set(record.keys())
     expected = set(layout)
@@ -63,12 +59,19 @@ def validate_arrays(record: ArrayRecord, layout: Layout) -> list[str]:
             continue
         try:
             values = array.numpy()
-        except Exception as exc:  # malformed bytes from a peer
+        except (ValueError, TypeError, OSError, EOFError) as exc:  # malformed bytes from a peer
             problems.append(f"'{name}' cannot be decoded: {exc}")
             continue
-        if not np.isfinite(values).all():
-            bad = int(values.size - np.isfinite(values).sum())
-            problems.append(f"'{name}' has {bad} non-finite values (NaN or inf)")
+        if tuple(values.shape) != shape or values.dtype != np.dtype(dtype):
+            problems.append(f"'{name}' decodes to {values.dtype}{tuple(values.shape)}, expected {dtype}{shape}")
+            continue
+        finite = np.isfinite(values)
+        if not finite.all():
+            problems.append(f"'{name}' has {int(values.size - finite.sum())} non-finite values (NaN or inf)")
+        elif values.size and float(np.abs(values).max()) > MAX_ABS_PARAMETER:
+            problems.append(
+                f"'{name}' has values up to {float(np.abs(values).max()):.3g}, beyond the sane magnitude {MAX_ABS_PARAMETER:g}"
+            )
     return problems
 
 

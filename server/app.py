@@ -5,23 +5,30 @@ from __future__ import annotations
 import logging
 import time
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+import torch
+from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from common.benchmarks import load_benchmark
 from common.config import RunConfig, build_run_config
+from common.errors import DataError
 from common.exchange import load_arrayrecord, to_arrayrecord, trainable_layout
 from common.logs import configure_logging
-from common.model import build_split_model
-from server.central_eval import CentralEvaluator
+from common.model import SplitModel, build_split_model
+from common.paths import fedhead_home
+from common.protocol import build_instruction_config
+from common.round_record import RoundRecord
+from server.central_eval import CentralEvaluator, load_eval_arrays
 from server.checked_strategy import CheckedStrategy
 from server.export import export_model
 from server.plots import write_plots
-from server.round_log import RoundLog
+from server.round_recorder import RoundRecorder, arrays_sha256
+from server.round_sinks import MetricsFile, log_round_row
 from server.run_folder import RunFolder, package_versions
 from server.strategies import build_strategy
 from server.summary import build_summary
 
-__all__ = ["app", "run_federation"]
+__all__ = ["app", "run_federation", "run_status"]
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +42,50 @@ def main(grid: Grid, context: Context) -> None:
     run_federation(grid, build_run_config(context.run_config))
 
 
+def _held_out(cfg: RunConfig, model: SplitModel) -> CentralEvaluator | None:
+    """The server's held-out set: ``server-eval-data``, else the benchmark's test split when its classes are the run's."""
+    if cfg.server_eval_data:
+        images, labels = load_eval_arrays(cfg.server_eval_data)
+        return CentralEvaluator(model, images, labels, num_classes=cfg.num_classes, source=cfg.server_eval_data)
+    try:
+        bench = load_benchmark(cfg, fedhead_home() / "data")
+    except DataError as exc:
+        log.warning("no held-out evaluation at the server: %s", exc)
+        return None
+    if tuple(bench.classes) != cfg.class_names:
+        log.info("no held-out evaluation at the server: %s's classes are not this run's", bench.name)
+        return None
+    images, labels = torch.from_numpy(bench.test_images), torch.from_numpy(bench.test_labels)
+    return CentralEvaluator(model, images, labels, num_classes=cfg.num_classes, source=f"{bench.name} test split")
+
+
+def run_status(records: list[RoundRecord], num_rounds: int) -> tuple[str, str | None]:
+    """``finished`` when every sampled site took part in every round, else ``degraded`` or ``failed``, with why."""
+    rounds = [r for r in records if r.round > 0]
+    empty = [r.round for r in rounds if not r.aggregated_sites]
+    problems = [f"round {r.round}: {site}: {'; '.join(reasons)}" for r in rounds for site, reasons in r.problem_sites().items()]
+    first = f"; first problem: {problems[0]}" if problems else ""
+    if not rounds or len(empty) == len(rounds):
+        return "failed", "no round aggregated any site's update" + first
+    if len(rounds) < num_rounds:
+        return "failed", f"only {len(rounds)} of {num_rounds} rounds ran" + first
+    if empty:
+        return "degraded", f"rounds {empty} aggregated no update" + first
+    if problems:
+        sites = sorted({p.site for r in rounds for p in r.problems})
+        return "degraded", f"{len(problems)} site-round(s) did not take part fully ({', '.join(sites)})" + first
+    return "finished", None
+
+
 def run_federation(grid: Grid, cfg: RunConfig) -> dict:
-    """Run ``cfg.num_server_rounds`` rounds on ``grid`` and write the run folder; return the summary."""
+    """Run ``cfg.num_server_rounds`` rounds on ``grid`` and write the run folder; return the summary.
+
+    Raises when the run failed (no usable model); a ``degraded`` run returns normally.
+    """
     started = time.monotonic()
     folder = RunFolder.create(cfg)
     model = build_split_model(cfg)
+    layout = trainable_layout(model.trainable)
     folder.write_json(
         "config.json",
         {
@@ -48,63 +94,53 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
             "weights_sha256": model.weights_sha256,
             "cut": model.cut_id,
             "preprocessing": model.preprocessing.describe(),
-            "trainable_layout": {k: list(v[0]) for k, v in trainable_layout(model.trainable).items()},
+            "trainable_layout": {k: list(v[0]) for k, v in layout.items()},
             "versions": package_versions(),
         },
     )
     log.info("run folder: %s", folder.root)
-    round_log = RoundLog(folder.metrics)
+    recorder = RoundRecorder(strategy=cfg.strategy, sinks=[MetricsFile(folder.metrics), log_round_row])
     central: CentralEvaluator | None = None
-    round_started = [time.monotonic()]
 
     def end_of_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         scores = central(arrays) if central else None
-        round_log.finish_round(server_round, scores, time.monotonic() - round_started[0])
-        round_started[0] = time.monotonic()
+        recorder.finish(server_round, central_eval=scores, head_sha256=arrays_sha256(arrays))
         return MetricRecord({f"test-{k}": v for k, v in scores.items()}) if scores else None
 
     strategy = CheckedStrategy(
         build_strategy(cfg),
-        layout=trainable_layout(model.trainable),
+        layout=layout,
         backbone_sha256=model.weights_sha256,
-        round_log=round_log,
+        max_examples=cfg.max_examples_per_site,
+        recorder=recorder,
     )
-    site_config = ConfigRecord({"backbone-sha256": model.weights_sha256})
     status, error = "failed", None
     try:
-        if cfg.server_eval_data:
-            central = CentralEvaluator(model, cfg.server_eval_data, cfg.num_classes)
+        central = _held_out(cfg, model)
         result = strategy.start(
             grid=grid,
             initial_arrays=to_arrayrecord(model.trainable),
             num_rounds=cfg.num_server_rounds,
             timeout=cfg.round_timeout,
-            train_config=site_config,
-            evaluate_config=ConfigRecord(dict(site_config)),
+            train_config=build_instruction_config(model.weights_sha256),
+            evaluate_config=build_instruction_config(model.weights_sha256),
             evaluate_fn=end_of_round,
         )
-        rounds = [r for r in round_log.history if r["round"] > 0]
-        empty = [r["round"] for r in rounds if not r["aggregated_sites"]]
-        if len(empty) == len(rounds):
-            error = "no round aggregated any site's update" + _first_problem(rounds)
-        else:
+        status, error = run_status(recorder.records, cfg.num_server_rounds)
+        if status != "failed":
             load_arrayrecord(model.trainable, result.arrays)
             manifest = export_model(model, folder.model_dir, class_names=cfg.class_names)
-            write_plots(round_log.history, folder.plots_dir, title=folder.root.name)
-            if empty:
-                status, error = "incomplete", f"rounds {empty} aggregated no update" + _first_problem(rounds)
-            elif manifest["files"]["full_model"] is None:
-                status, error = "incomplete", f"the full model was not exported: {manifest['full_model_error']}"
-            else:
-                status = "finished"
+            write_plots(recorder.records, folder.plots_dir, title=folder.root.name)
+            if manifest["files"]["full_model"] is None:
+                status, error = "degraded", f"the full model was not exported: {manifest['full_model_error']}"
     except Exception as exc:
-        error = f"{type(exc).__name__}: {exc}"
+        status, error = "failed", f"{type(exc).__name__}: {exc}"
         raise
     finally:
         summary = build_summary(
             cfg,
             model,
-            round_log,
+            recorder.records,
             run_name=folder.root.name,
             wall_seconds=time.monotonic() - started,
             server_eval_forwards=central.forwards if central else 0,
@@ -113,12 +149,8 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
         )
         folder.write_json("summary.json", summary)
         log.info("summary written to %s (status %s)", folder.root / "summary.json", status)
-    if status != "finished":
+    if status == "failed":
         raise RuntimeError(error)
+    if status == "degraded":
+        log.warning("run degraded: %s", error)
     return summary
-
-
-def _first_problem(rounds: list[dict]) -> str:
-    reasons = [f["reason"] for r in rounds for f in r["failed"]]
-    reasons += [p for r in rounds for ps in r["rejected_sites"].values() for p in ps]
-    return f"; first problem: {reasons[0]}" if reasons else ""

@@ -1,9 +1,10 @@
-"""A wrapper that checks and records every reply before Flower's strategy aggregates it.
+"""A wrapper that parses and records every reply before Flower's strategy aggregates it.
 
 Like Flower's own DP wrappers, it wraps any strategy: sampling, configuration
 and aggregation stay the wrapped strategy's. What it adds is the one place
-where replies are validated (rejected replies never reach aggregation) and
-where the round's participants, per-site metrics and bytes are recorded.
+where replies are parsed into the protocol's types (a reply that does not
+parse never reaches aggregation, and the server never raises on one) and the
+:class:`~server.round_recorder.RoundRecorder` that records each round.
 """
 
 from __future__ import annotations
@@ -16,59 +17,83 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from common.errors import ReplyError, SiteFailedError
 from common.exchange import Layout
-from server.reply_check import check_evaluate_reply, check_train_reply, reply_site
-from server.round_log import RoundLog
+from common.replies import claimed_site_name, parse_evaluate_reply, parse_train_reply, update_l2_norm
+from server.round_recorder import RoundRecorder, message_bytes, short_reason
 
-__all__ = ["CheckedStrategy", "message_bytes"]
+__all__ = ["CheckedStrategy"]
 
 log = logging.getLogger(__name__)
 
 
-def message_bytes(msg: Message) -> int:
-    """Bytes of a message's content, as Flower counts them (array data + keys + config)."""
-    if msg.has_error():
-        return 0
-    return int(sum(record.count_bytes() for record in msg.content.values()))
-
-
 class CheckedStrategy(Strategy):
-    """Validate and record replies, then delegate to ``inner``."""
+    """Parse and record replies, then delegate to ``inner``."""
 
-    def __init__(self, inner: Strategy, *, layout: Layout, backbone_sha256: str, round_log: RoundLog) -> None:
+    def __init__(
+        self, inner: Strategy, *, layout: Layout, backbone_sha256: str, max_examples: int, recorder: RoundRecorder
+    ) -> None:
         self.inner = inner
         self.layout = layout
         self.backbone_sha256 = backbone_sha256
-        self.round_log = round_log
+        self.max_examples = max_examples
+        self.recorder = recorder
+        self._global: dict[int, ArrayRecord] = {}
 
     def summary(self) -> None:
-        log.info("strategy %s, every reply checked against %d arrays", type(self.inner).__name__, len(self.layout))
+        log.info("strategy %s, every reply parsed against %d arrays", type(self.inner).__name__, len(self.layout))
         self.inner.summary()
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
-        self.round_log.sent(server_round, "train", {m.metadata.dst_node_id: message_bytes(m) for m in messages})
+        self._global = {server_round: arrays}
+        self.recorder.sent(server_round, "train", messages, arrays)
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         messages = list(self.inner.configure_evaluate(server_round, arrays, config, grid))
-        self.round_log.sent(server_round, "evaluate", {m.metadata.dst_node_id: message_bytes(m) for m in messages})
+        self.recorder.sent(server_round, "evaluate", messages, arrays)
         return messages
 
+    def _problem(self, server_round: int, phase: str, msg: Message, exc: ReplyError) -> None:
+        node_id = self.recorder.node_of(server_round, phase, msg)
+        if isinstance(exc, SiteFailedError):
+            reasons = [short_reason(r) for r in exc.problems]
+            self.recorder.problem(server_round, phase, node_id, "failed", reasons)
+            log.warning("round %d: %s failed (%s): %s", server_round, self.recorder.site_name(node_id), phase, "; ".join(reasons))
+        else:
+            self.recorder.problem(
+                server_round, phase, node_id, "rejected", exc.problems,
+                nbytes=message_bytes(msg), claimed_name=claimed_site_name(msg),
+            )
+            log.warning(
+                "round %d: rejected the %s reply of %s: %s",
+                server_round, phase, self.recorder.site_name(node_id), "; ".join(exc.problems),
+            )
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        accepted = []
+        accepted, names = [], []
+        reference = self._global.get(server_round)
         for msg in replies:
-            problems = check_train_reply(msg, self.layout, self.backbone_sha256)
-            self.round_log.received(server_round, "train", msg, reply_site(msg), message_bytes(msg), problems)
-            if problems:
-                log.warning("round %d: rejected the update of %s: %s", server_round, reply_site(msg), "; ".join(problems))
-            else:
-                accepted.append(msg)
+            try:
+                reply = parse_train_reply(
+                    msg, layout=self.layout, backbone_sha256=self.backbone_sha256, max_examples=self.max_examples
+                )
+            except ReplyError as exc:
+                self._problem(server_round, "train", msg, exc)
+                continue
+            norm = update_l2_norm(reply.arrays, reference) if reference is not None else float("nan")
+            self.recorder.train_accepted(server_round, reply, nbytes=message_bytes(msg), update_l2_norm=norm)
+            accepted.append(msg)
+            names.append(self.recorder.site_name(reply.node_id))
         if not accepted:
             log.error("round %d: no acceptable updates; the global model is unchanged", server_round)
+            self.recorder.aggregated(server_round, None, [])
             return None, None
         arrays, metrics = self.inner.aggregate_train(server_round, accepted)
-        return (self._as_layout(arrays) if arrays is not None else None), metrics
+        arrays = self._as_layout(arrays) if arrays is not None else None
+        self.recorder.aggregated(server_round, arrays, names if arrays is not None else [])
+        return arrays, metrics
 
     def _as_layout(self, arrays: ArrayRecord) -> ArrayRecord:
         """The aggregate in the layout's dtypes (FedAdam/FedYogi compute in float64)."""
@@ -77,16 +102,12 @@ class CheckedStrategy(Strategy):
         )
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        accepted = []
+        """Parse and record evaluation replies; the weighted averages are the round record's."""
         for msg in replies:
-            problems = check_evaluate_reply(msg)
-            self.round_log.received(server_round, "evaluate", msg, reply_site(msg), message_bytes(msg), problems)
-            if problems:
-                log.warning("round %d: ignored the evaluation of %s: %s", server_round, reply_site(msg), "; ".join(problems))
-            else:
-                accepted.append(msg)
-        # A site without validation examples has nothing to weigh in the average.
-        weighted = [m for m in accepted if m.content["metrics"]["num-examples"] > 0]
-        if not weighted:
-            return None
-        return self.inner.aggregate_evaluate(server_round, weighted)
+            try:
+                reply = parse_evaluate_reply(msg, backbone_sha256=self.backbone_sha256, max_examples=self.max_examples)
+            except ReplyError as exc:
+                self._problem(server_round, "evaluate", msg, exc)
+                continue
+            self.recorder.evaluate_accepted(server_round, reply, nbytes=message_bytes(msg))
+        return None

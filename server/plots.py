@@ -1,29 +1,37 @@
-"""PNG figures of a run: accuracy and loss per round, final accuracy per site."""
+"""PNG figures of a run, drawn from its round records: accuracy and loss per round, final accuracy per site."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from common.files import atomic_path  # noqa: E402
+from common.round_record import RoundRecord  # noqa: E402
+
 __all__ = ["write_plots"]
 
 
-def _series(history: list[dict[str, Any]], section: str, metric: str) -> tuple[list[int], list[float]]:
+def _series(history: list[RoundRecord], section: str, metric: str) -> tuple[list[int], list[float]]:
     xs, ys = [], []
     for record in history:
-        value = (record.get(section) or {}).get(metric)
-        if isinstance(value, (int, float)):
-            xs.append(record["round"])
+        value = getattr(record, section).get(metric)
+        if isinstance(value, float) and value == value:
+            xs.append(record.round)
             ys.append(value)
     return xs, ys
 
 
-def write_plots(history: list[dict[str, Any]], out_dir: Path, *, title: str) -> list[Path]:
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+
+
+def write_plots(history: list[RoundRecord], out_dir: Path, *, title: str) -> list[Path]:
     """Write ``accuracy.png``, ``loss.png`` and ``sites.png``; return their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -39,24 +47,20 @@ def write_plots(history: list[dict[str, Any]], out_dir: Path, *, title: str) -> 
         ax.grid(alpha=0.3)
         ax.legend()
         path = out_dir / f"{metric}.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        _save(fig, path)
         written.append(path)
-    last = next((r for r in reversed(history) if r.get("sites")), None)
+    last = next((r for r in reversed(history) if r.sites), None)
     if last:
-        names = sorted(last["sites"])
-        accs = [((last["sites"][n].get("eval") or {}).get("accuracy") or 0.0) for n in names]
+        names = sorted(last.sites)
+        accs = [(last.sites[n].evaluate.scores.get("accuracy", 0.0) if last.sites[n].evaluate else 0.0) for n in names]
         fig, ax = plt.subplots(figsize=(max(4, 1 + 0.8 * len(names)), 4))
         ax.bar(names, accs, color="tab:blue")
         for i, acc in enumerate(accs):
             ax.text(i, acc, f"{100 * acc:.1f}%", ha="center", va="bottom")
         ax.set_ylim(0, 1.05)
         ax.set_ylabel("accuracy on the site's validation split")
-        ax.set_title(f"{title}: per site, round {last['round']}")
-        fig.tight_layout()
+        ax.set_title(f"{title}: per site, round {last.round}")
         path = out_dir / "sites.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        _save(fig, path)
         written.append(path)
     return written

@@ -2,35 +2,39 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum, Strategy
 
-from common.config import STRATEGIES, RunConfig
+from common.config import RunConfig
 from common.errors import ConfigError
 
-__all__ = ["build_strategy"]
+__all__ = ["STRATEGY_BUILDERS", "build_strategy"]
+
+Builder = Callable[[RunConfig, dict[str, Any]], Strategy]
+
+# run-config 'strategy' -> how to build it (common.config.STRATEGIES names the same keys).
+STRATEGY_BUILDERS: dict[str, Builder] = {
+    "fedavg": lambda cfg, kw: FedAvg(**kw),
+    "fedprox": lambda cfg, kw: FedProx(**kw, proximal_mu=cfg.proximal_mu),
+    "fedadam": lambda cfg, kw: FedAdam(**kw, eta=cfg.server_lr, eta_l=cfg.lr),
+    "fedyogi": lambda cfg, kw: FedYogi(**kw, eta=cfg.server_lr, eta_l=cfg.lr),
+    "fedmedian": lambda cfg, kw: FedMedian(**kw),
+    "fedtrimmedavg": lambda cfg, kw: FedTrimmedAvg(**kw, beta=cfg.trimmed_beta),
+    "krum": lambda cfg, kw: Krum(**kw, num_malicious_nodes=cfg.krum_malicious),
+}
 
 
 def build_strategy(cfg: RunConfig) -> Strategy:
     """The Flower strategy named by ``strategy``, with fedhead's sampling settings."""
-    common = {
+    if cfg.strategy not in STRATEGY_BUILDERS:
+        raise ConfigError(f"unknown strategy '{cfg.strategy}'; choose one of: {', '.join(STRATEGY_BUILDERS)}")
+    sampling = {
         "fraction_train": cfg.fraction_train,
         "fraction_evaluate": 1.0,
         "min_train_nodes": cfg.min_sites,
         "min_evaluate_nodes": cfg.min_sites,
         "min_available_nodes": cfg.min_sites,
     }
-    if cfg.strategy == "fedavg":
-        return FedAvg(**common)
-    if cfg.strategy == "fedprox":
-        return FedProx(**common, proximal_mu=cfg.proximal_mu)
-    if cfg.strategy == "fedadam":
-        return FedAdam(**common, eta=cfg.server_lr, eta_l=cfg.lr)
-    if cfg.strategy == "fedyogi":
-        return FedYogi(**common, eta=cfg.server_lr, eta_l=cfg.lr)
-    if cfg.strategy == "fedmedian":
-        return FedMedian(**common)
-    if cfg.strategy == "fedtrimmedavg":
-        return FedTrimmedAvg(**common, beta=cfg.trimmed_beta)
-    if cfg.strategy == "krum":
-        return Krum(**common, num_malicious_nodes=cfg.krum_malicious)
-    raise ConfigError(f"unknown strategy '{cfg.strategy}'; choose one of {', '.join(STRATEGIES)}")
+    return STRATEGY_BUILDERS[cfg.strategy](cfg, sampling)

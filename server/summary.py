@@ -1,4 +1,4 @@
-"""The final figures of a run, as written to ``summary.json``."""
+"""The final figures of a run, as written to ``summary.json``, built from its round records."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from torch import nn
 
 from common.config import RunConfig
 from common.model import SplitModel, trainable_parameters
-from server.round_log import RoundLog
+from common.round_record import RoundRecord
 
 __all__ = ["build_summary", "module_bytes"]
 
@@ -19,10 +19,26 @@ def module_bytes(module: nn.Module) -> int:
     return int(sum(t.numel() * t.element_size() for t in tensors))
 
 
+def _forwards(history: list[RoundRecord]) -> tuple[dict[str, dict[str, int]], dict[str, int], int]:
+    """Trunk passes by site (accepted replies only), training images by site, cache hits."""
+    by_site: dict[str, dict[str, int]] = {}
+    train_images: dict[str, int] = {}
+    hits = 0
+    for record in history:
+        for name, site in record.sites.items():
+            counts = by_site.setdefault(name, {"train": 0, "eval": 0})
+            for key, value in site.backbone_forwards.items():
+                counts[key] += value
+            if site.train and site.train.accepted:
+                train_images[name] = site.train.num_examples or 0
+                hits += site.train.cache_hits
+    return by_site, train_images, hits
+
+
 def build_summary(
     cfg: RunConfig,
     model: SplitModel,
-    round_log: RoundLog,
+    records: list[RoundRecord],
     *,
     run_name: str,
     wall_seconds: float,
@@ -30,28 +46,28 @@ def build_summary(
     status: str,
     error: str | None = None,
 ) -> dict[str, Any]:
-    """Final accuracy and F1, rounds, time, privacy, bytes and backbone work of a run."""
-    history = [r for r in round_log.history if r["round"] > 0]
-    last = history[-1] if history else {}
-    central = last.get("central_eval") or {}
-    federated = last.get("federated_eval") or {}
+    """Final accuracy and F1, rounds, time, problems, privacy, bytes and backbone work of a run."""
+    history = [r for r in records if r.round > 0]
+    last = history[-1] if history else None
+    central = last.central_eval if last else {}
+    federated = last.federated_eval if last else {}
     final = central or federated
     head_bytes = int(sum(p.numel() * p.element_size() for _, p in trainable_parameters(model.trainable)))
     full_bytes = module_bytes(model.trunk) + module_bytes(model.trainable)
-    per_site = [s for r in history for s in r["sites"].values()]
-    train_down = max((s.get("train_bytes_down", 0) for s in per_site), default=0)
-    train_up = max((s.get("train_bytes_up", 0) for s in per_site), default=0)
-    train_images = {}
+    trains = [s.train for r in history for s in r.sites.values() if s.train and s.train.accepted]
+    train_down = max((t.bytes_down for t in trains), default=0)
+    train_up = max((t.bytes_up for t in trains), default=0)
+    by_site, train_images, hits = _forwards(history)
+    problems: dict[str, list[str]] = {}
     for record in history:
-        for site, entry in record["sites"].items():
-            if entry.get("num_train_examples"):
-                train_images[site] = entry["num_train_examples"]
-    forwards = {site: dict(counts) for site, counts in round_log.forwards_by_site.items()}
+        for name, reasons in record.problem_sites().items():
+            problems.setdefault(name, []).extend(f"round {record.round}: {reason}" for reason in reasons)
     return {
         "run_name": run_name,
         "status": status,
         "error": error,
-        "rounds_completed": sum(1 for r in history if r["aggregated_sites"]),
+        "problems": problems,
+        "rounds_completed": sum(1 for r in history if r.aggregated_sites),
         "num_server_rounds": cfg.num_server_rounds,
         "wall_seconds": round(wall_seconds, 2),
         "backbone": cfg.backbone,
@@ -63,6 +79,7 @@ def build_summary(
         "macro_f1": final.get("f1"),
         "test": central or None,
         "federated_eval": federated or None,
+        "head_sha256": last.head_sha256_after if last else None,
         "dp": cfg.dp,
         "max_epsilon": None,
         "bytes": {
@@ -72,13 +89,13 @@ def build_summary(
             "max_train_bytes_from_site": train_up,
             "fraction_of_full_model": round(max(train_down, train_up) / full_bytes, 6) if full_bytes else None,
         },
-        "bytes_per_round": round(sum(r["bytes_down"] + r["bytes_up"] for r in history) / len(history)) if history else 0,
+        "bytes_per_round": round(sum(r.bytes_down + r.bytes_up for r in history) / len(history)) if history else 0,
         "backbone_forwards": {
             "cache_features": cfg.cache_features,
-            "by_site": forwards,
+            "by_site": by_site,
             "train_images_by_site": train_images,
             "server_eval": server_eval_forwards,
-            "total": sum(c["train"] + c["eval"] for c in forwards.values()) + server_eval_forwards,
-            "cache_hits": round_log.cache_hits,
+            "total": sum(c["train"] + c["eval"] for c in by_site.values()) + server_eval_forwards,
+            "cache_hits": hits,
         },
     }

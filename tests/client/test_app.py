@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from client.app import app
 from common.config import build_run_config
-from common.errors import FingerprintError
-from common.exchange import to_arrayrecord
+from common.exchange import to_arrayrecord, trainable_layout
 from common.model import build_split_model
+from common.replies import parse_evaluate_reply, parse_train_reply
 
 pytestmark = pytest.mark.usefixtures("flower_identity")
 
 RUN_CONFIG = {"classes": ",".join(str(d) for d in range(10)), "image-size": 32, "local-epochs": 3, "lr": 0.01}
 
 
-def _context(tmp_path, digits_npz):
-    node_config = {"data-dir": str(digits_npz), "site-name": "st-olav", "cache-dir": str(tmp_path / "site-cache")}
+def _context(tmp_path, data_dir, **extra):
+    node_config = {"data-dir": str(data_dir), "site-name": "st-olav", "state-dir": str(tmp_path / "site-state"), **extra}
     return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config=RUN_CONFIG)
 
 
@@ -28,22 +29,42 @@ def _message(kind: str, sha256: str) -> Message:
 
 
 def test_train_sends_back_only_the_head_and_counts_backbone_passes(tmp_path, digits_npz):
-    sha256 = build_split_model(build_run_config(RUN_CONFIG)).weights_sha256
+    model = build_split_model(build_run_config(RUN_CONFIG))
+    sha256, layout = model.weights_sha256, trainable_layout(model.trainable)
     context = _context(tmp_path, digits_npz)
-    first = app(_message("train", sha256), context)
-    assert set(first.content["arrays"].keys()) == {"head.weight", "head.bias"}
-    metrics = first.content["metrics"]
-    assert metrics["num-examples"] == 1000
-    assert (metrics["backbone-forwards-train"], metrics["backbone-forwards-eval"]) == (1000, 300)
-    assert first.content["site"]["site"] == "st-olav"
-    second = app(_message("train", sha256), context)
-    assert (second.content["metrics"]["backbone-forwards-train"], second.content["metrics"]["cache-hits"]) == (0, 2)
-    assert len(list((tmp_path / "site-cache").glob("*.safetensors"))) == 2  # the site's own disk
-    evaluation = app(_message("evaluate", sha256), context)
-    assert evaluation.content["metrics"]["num-examples"] == 300
-    assert not evaluation.content.array_records
+    first = parse_train_reply(app(_message("train", sha256), context), layout=layout, backbone_sha256=sha256, max_examples=10**6)
+    assert set(first.arrays.keys()) == {"head.weight", "head.bias"}
+    assert first.metrics.num_examples == 1000
+    assert (first.metrics.backbone_forwards_train, first.metrics.backbone_forwards_eval) == (1000, 300)
+    assert first.site.name == "st-olav"
+    second = parse_train_reply(app(_message("train", sha256), context), layout=layout, backbone_sha256=sha256, max_examples=10**6)
+    assert (second.metrics.backbone_forwards_train, second.metrics.cache_hits) == (0, 2)
+    cache = tmp_path / "site-state" / "features"
+    assert len(list(cache.glob("*.safetensors"))) == 2  # in the site's own state-dir
+    evaluation = parse_evaluate_reply(app(_message("evaluate", sha256), context), backbone_sha256=sha256, max_examples=10**6)
+    assert evaluation.metrics.num_examples == 300 and 0.0 <= evaluation.metrics.accuracy <= 1.0
 
 
 def test_a_site_refuses_a_server_with_another_backbone(tmp_path, digits_npz):
-    with pytest.raises(FingerprintError, match="provision the same weights"):
-        app(_message("train", "0" * 64), _context(tmp_path, digits_npz))
+    reply = app(_message("train", "0" * 64), _context(tmp_path, digits_npz))
+    assert reply.has_error()
+    assert "FingerprintError" in reply.error.reason and "provision the same weights" in reply.error.reason
+
+
+def test_a_site_error_reaches_the_server_without_local_paths(tmp_path, digits):
+    images, labels = digits
+    secret = tmp_path / "patients-oslo" / "ward7.npz"
+    secret.parent.mkdir()
+    np.savez(secret, train_images=images[:50], train_labels=labels[:50] - 3)  # negative labels
+    sha256 = build_split_model(build_run_config(RUN_CONFIG)).weights_sha256
+    reply = app(_message("train", sha256), _context(tmp_path, secret))
+    assert reply.has_error() and "DataError" in reply.error.reason
+    assert "label" in reply.error.reason
+    for private in ("patients-oslo", "ward7", str(tmp_path)):
+        assert private not in reply.error.reason
+
+
+def test_a_bad_node_config_is_refused_naming_the_key(tmp_path, digits_npz):
+    reply = app(_message("train", "0" * 64), _context(tmp_path, digits_npz, device="tpu", colour="red"))
+    assert reply.has_error()
+    assert "'device'" in reply.error.reason and "unknown node-config key 'colour'" in reply.error.reason

@@ -1,25 +1,23 @@
-"""Every reply is checked in one place; bad updates never reach Flower's aggregation."""
+"""Every reply is parsed in one place; bad updates never reach Flower's aggregation."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg, FedMedian
 
-from common.config import build_run_config
-from common.exchange import EVAL_METRIC_KEYS, TRAIN_METRIC_KEYS, to_arrayrecord, trainable_layout
+from common.config import STRATEGIES, build_run_config
+from common.exchange import to_arrayrecord, trainable_layout, validate_arrays
+from common.hashing import sha256_arrays
 from common.model import build_split_model
+from common.protocol import EvaluateMetrics, SiteInfo, TrainMetrics, build_evaluate_content, build_train_content
 from server.checked_strategy import CheckedStrategy
-from server.round_log import RoundLog
-from server.strategies import build_strategy
-
+from server.round_recorder import RoundRecorder
+from server.strategies import STRATEGY_BUILDERS, build_strategy
+from tests.server.scripted_grid import ScriptedGrid
 
 pytestmark = pytest.mark.usefixtures("flower_identity")
-
-TRAIN_METRICS = {key: 0 for key in TRAIN_METRIC_KEYS} | {"train-loss": 0.5, "seconds": 1.0}
 
 
 @pytest.fixture(scope="module")
@@ -31,111 +29,88 @@ def _request(node_id: int) -> Message:
     return Message(content=RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=node_id, message_type="train")
 
 
-def _reply(node_id: int, weight: np.ndarray, bias: np.ndarray, n: int = 10) -> Message:
-    content = RecordDict(
-        {
-            "arrays": ArrayRecord({"head.weight": Array(weight), "head.bias": Array(bias)}),
-            "metrics": MetricRecord({**TRAIN_METRICS, "num-examples": n}),
-            "site": ConfigRecord({"site": f"site-{node_id}"}),
-        }
-    )
-    return Message(content=content, reply_to=_request(node_id))
+def _metrics(n: int) -> TrainMetrics:
+    return TrainMetrics(num_examples=n, train_loss=0.5, epochs_run=1, backbone_forwards_train=0,
+                        backbone_forwards_eval=0, cache_hits=0, seconds=1.0)
 
 
-def _strategy(model, tmp_path, inner=None):
-    log = RoundLog(tmp_path / "metrics.jsonl")
+def _reply(model, node_id: int, weight: np.ndarray, n: int = 10) -> Message:
+    arrays = ArrayRecord({"head.weight": Array(weight), "head.bias": Array(np.zeros(10, np.float32))})
+    site = SiteInfo(f"site-{node_id}", model.weights_sha256)
+    return Message(content=build_train_content(arrays, _metrics(n), site), reply_to=_request(node_id))
+
+
+def _strategy(model, inner=None):
+    recorder = RoundRecorder(strategy="test")
     strategy = CheckedStrategy(
-        inner or FedAvg(), layout=trainable_layout(model.trainable), backbone_sha256=model.weights_sha256, round_log=log
+        inner or FedAvg(), layout=trainable_layout(model.trainable), backbone_sha256=model.weights_sha256,
+        max_examples=1000, recorder=recorder,
     )
-    return strategy, log
+    grid = ScriptedGrid([1, 2, 3, 4, 5], lambda m: None)
+    strategy.configure_train(1, to_arrayrecord(model.trainable), ConfigRecord(), grid)
+    return strategy, recorder
 
 
-def test_bad_updates_are_rejected_with_reasons_and_the_rest_aggregated(model, tmp_path):
-    strategy, log = _strategy(model, tmp_path)
+def test_accepted_updates_are_weighted_by_examples_and_recorded(model):
+    strategy, recorder = _strategy(model)
     w = np.ones((10, 1280), np.float32)
-    b = np.zeros(10, np.float32)
-    nan_w = w.copy()
-    nan_w[0, 0] = np.nan
-    replies = [
-        _reply(1, w, b, n=30),
-        _reply(2, 3 * w, b, n=10),
-        _reply(3, nan_w, b),
-        _reply(4, np.ones((10, 64), np.float32), b),
-        Message(Error(code=0, reason="ValueError: site crashed"), reply_to=_request(5)),
-    ]
-    arrays, _ = strategy.aggregate_train(1, replies)
+    arrays, _ = strategy.aggregate_train(1, [_reply(model, 1, w, n=30), _reply(model, 2, 3 * w, n=10)])
     np.testing.assert_allclose(arrays["head.weight"].numpy(), 1.5)  # (30*1 + 10*3) / 40
-    record = log.finish_round(1, None, 1.0)
-    assert record["aggregated_sites"] == ["site-1", "site-2"]
-    assert "1 non-finite values" in record["rejected_sites"]["site-3"][0]
-    assert "shape (10, 64)" in record["rejected_sites"]["site-4"][0]
-    assert record["failed"][0]["reason"] == "ValueError: site crashed"
-    line = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
-    assert line["round"] == 1 and line["sites"]["site-1"]["train_accepted"] is True
+    record = recorder.finish(1, central_eval=None)
+    assert record.aggregated_sites == ["site-1", "site-2"]
+    site = record.sites["site-1"].train
+    assert site.update_sha256 == sha256_arrays({"head.weight": w, "head.bias": np.zeros(10, np.float32)})
+    initial = to_arrayrecord(model.trainable)
+    expected_norm = np.sqrt(((w - initial["head.weight"].numpy()) ** 2).sum() + (initial["head.bias"].numpy() ** 2).sum())
+    assert site.update_l2_norm == pytest.approx(expected_norm, rel=1e-6)
+    assert record.head_sha256_after == sha256_arrays({k: v.numpy() for k, v in arrays.items()})
+    assert sorted(p.node_id for p in record.problems) == [3, 4, 5]  # sampled, never answered
+    assert {p.kind for p in record.problems} == {"missing"}
 
 
-def test_a_reply_missing_num_examples_is_rejected(model, tmp_path):
-    strategy, log = _strategy(model, tmp_path)
-    good = to_arrayrecord(model.trainable)
-    content = RecordDict({"arrays": good, "metrics": MetricRecord({"train-loss": 0.1}), "site": ConfigRecord({"site": "x"})})
-    arrays, _ = strategy.aggregate_train(1, [Message(content=content, reply_to=_request(9))])
-    assert arrays is None
-    assert "num-examples" in log.finish_round(1, None, 0.0)["rejected_sites"]["x"][0]
-
-
-def test_wrapper_keeps_the_inner_strategys_aggregation(model, tmp_path):
-    strategy, _ = _strategy(model, tmp_path, inner=FedMedian())
-    b = np.zeros(10, np.float32)
+def test_a_site_claiming_more_than_the_cap_cannot_take_over(model):
+    strategy, recorder = _strategy(model)
     w = np.ones((10, 1280), np.float32)
-    replies = [_reply(1, w, b), _reply(2, 2 * w, b), _reply(3, 100 * w, b)]
-    arrays, _ = strategy.aggregate_train(1, replies)
+    arrays, _ = strategy.aggregate_train(1, [_reply(model, 1, w, n=30), _reply(model, 2, 1000 * w, n=10**12)])
+    np.testing.assert_allclose(arrays["head.weight"].numpy(), 1.0)
+    rejected = recorder.finish(1, central_eval=None).problems
+    assert any(p.node_id == 2 and p.kind == "rejected" and "outside [1, 1000]" in p.reasons[0] for p in rejected)
+
+
+def test_wrapper_keeps_the_inner_strategys_aggregation(model):
+    strategy, _ = _strategy(model, inner=FedMedian())
+    w = np.ones((10, 1280), np.float32)
+    arrays, _ = strategy.aggregate_train(1, [_reply(model, 1, w), _reply(model, 2, 2 * w), _reply(model, 3, 100 * w)])
     np.testing.assert_allclose(arrays["head.weight"].numpy(), 2.0)
 
 
-@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum"])
-def test_each_strategy_is_flowers_own_and_aggregates_in_the_layout(name, model, tmp_path):
+def test_the_strategy_registry_names_exactly_the_configurable_strategies():
+    assert tuple(STRATEGY_BUILDERS) == STRATEGIES
+    with pytest.raises(ValueError, match="choose one of: fedavg, fedprox"):
+        build_strategy(build_run_config().__class__(strategy="fedsgd"))
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_each_strategy_is_flowers_own_and_aggregates_in_the_layout(name, model):
     inner = build_strategy(build_run_config(strategy=name))
     assert type(inner).__module__.startswith("flwr.serverapp.strategy")
-    strategy, _ = _strategy(model, tmp_path, inner=inner)
-    current = to_arrayrecord(model.trainable)
-    list(strategy.configure_train(1, current, ConfigRecord(), _OneNodeGrid()))  # FedAdam/FedYogi keep the current model
+    strategy, _ = _strategy(model, inner=inner)
     rng = np.random.default_rng(0)
-    replies = [_reply(i, rng.normal(size=(10, 1280)).astype(np.float32), np.zeros(10, np.float32)) for i in range(1, 6)]
+    replies = [_reply(model, i, rng.normal(size=(10, 1280)).astype(np.float32)) for i in range(1, 6)]
     arrays, _ = strategy.aggregate_train(1, replies)
-    assert validate_arrays_ok(arrays, model)
+    assert validate_arrays(arrays, trainable_layout(model.trainable)) == []
 
 
-def validate_arrays_ok(arrays, model) -> bool:
-    from common.exchange import validate_arrays
-
-    return validate_arrays(arrays, trainable_layout(model.trainable)) == []
-
-
-class _OneNodeGrid:
-    """Just enough of a Grid for configure_train's node sampling."""
-
-    def get_node_ids(self):
-        return [1, 2, 3, 4, 5]
-
-
-def test_sites_without_validation_examples_do_not_break_the_average(model, tmp_path):
-    strategy, _ = _strategy(model, tmp_path)
+def test_sites_without_validation_examples_do_not_break_the_average(model):
+    strategy, recorder = _strategy(model)
 
     def eval_reply(node_id: int, n: int, accuracy: float) -> Message:
-        metrics = {key: 0.0 for key in EVAL_METRIC_KEYS} | {"num-examples": n, "eval-accuracy": accuracy, "backbone-forwards-eval": 0}
-        content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"site": f"s{node_id}"})})
+        scores = {"loss": 1.0, "accuracy": accuracy, "precision": 0.5, "recall": 0.5, "f1": 0.5} if n else {}
+        metrics = EvaluateMetrics(num_examples=n, backbone_forwards_eval=0, **scores)
+        content = build_evaluate_content(metrics, SiteInfo(f"s{node_id}", model.weights_sha256))
         return Message(content=content, reply_to=_request(node_id))
 
-    assert strategy.aggregate_evaluate(1, [eval_reply(1, 0, 0.0)]) is None
-    aggregated = strategy.aggregate_evaluate(1, [eval_reply(1, 0, 0.0), eval_reply(2, 10, 0.9)])
-    assert aggregated["eval-accuracy"] == pytest.approx(0.9)
-
-
-def test_a_reply_with_other_metric_keys_is_rejected_not_fatal(model, tmp_path):
-    strategy, log = _strategy(model, tmp_path)
-    good = _reply(1, np.ones((10, 1280), np.float32), np.zeros(10, np.float32))
-    odd = _reply(2, np.ones((10, 1280), np.float32), np.zeros(10, np.float32))
-    odd.content["metrics"]["surprise"] = 1.0
-    arrays, _ = strategy.aggregate_train(1, [good, odd])
-    assert arrays is not None
-    assert "unexpected ['surprise']" in log.finish_round(1, None, 0.0)["rejected_sites"]["site-2"][0]
+    strategy.aggregate_evaluate(1, [eval_reply(1, 0, 0.0), eval_reply(2, 10, 0.9), eval_reply(3, 30, 0.5)])
+    record = recorder.finish(1, central_eval=None)
+    assert record.federated_eval["accuracy"] == pytest.approx((10 * 0.9 + 30 * 0.5) / 40)
+    assert record.sites["s1"].evaluate.accepted and record.sites["s1"].evaluate.scores == {}

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from common.round_record import load_round_records
 from simulations.runner import run_simulation
 
 pytestmark = pytest.mark.slow
@@ -50,11 +51,15 @@ def test_run_folder_holds_what_design_promises(cached_run):
     assert config["weights_sha256"].startswith("b0353104") and config["versions"]["flwr"].startswith("1.42")
     rounds = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [0, 1, 2, 3]
-    last = rounds[-1]
-    assert sorted(last["sites"]) == ["site-0", "site-1", "site-2"]
-    for site in last["sites"].values():
-        assert set(site["eval"]) == {"loss", "accuracy", "precision", "recall", "f1", "auroc"}
-    assert set(last["federated_eval"]) == {"loss", "accuracy", "precision", "recall", "f1", "auroc"}
+    last = load_round_records(root / "metrics.jsonl")[-1]
+    assert sorted(last.sites) == ["site-0", "site-1", "site-2"] and last.complete
+    for site in last.sites.values():
+        assert set(site.evaluate.scores) == {"loss", "accuracy", "precision", "recall", "f1", "auroc"}
+        assert len(site.train.update_sha256) == 64 and site.train.update_l2_norm > 0
+    assert set(last.federated_eval) == {"loss", "accuracy", "precision", "recall", "f1", "auroc"}
+    assert last.head_sha256_before == load_round_records(root / "metrics.jsonl")[-2].head_sha256_after
+    for name in ("site-0", "site-1", "site-2"):  # each site's cache lives in its own state folder
+        assert list((root.parent.parent / "state" / "sites" / name / "features").glob("*.safetensors"))
 
 
 def test_only_the_head_travels(cached_run):
@@ -65,9 +70,12 @@ def test_only_the_head_travels(cached_run):
 
 
 def test_backbone_runs_once_per_image_with_the_cache(cached_run):
+    from common.config import build_run_config
+    from common.partitions import prepare_federation
+
     fwd = cached_run.summary["backbone_forwards"]
-    manifest = json.loads((cached_run.run_dir / "config.json").read_text())["run_config"]
-    sites = json.loads((Path(manifest["partitions-dir"]) / "manifest.json").read_text())["sites"]
+    state = cached_run.run_dir.parent.parent / "state"
+    sites = prepare_federation(build_run_config(DIGITS), 3, cache_root=state).site_sizes  # the files the run used
     for site in sites:
         counts = fwd["by_site"][site["site"]]
         assert counts == {"train": site["train"], "eval": site["val"]}
@@ -133,3 +141,21 @@ def test_a_run_that_fails_inside_flower_exits_non_zero(tmp_path):
     assert "test_images" in out.stdout + out.stderr
     summary = json.loads((tmp_path / "runs" / "broken" / "summary.json").read_text())
     assert summary["status"] == "failed" and "must hold 'test_images'" in summary["error"]
+
+
+def test_a_run_that_loses_a_site_is_degraded_names_it_and_exits_3(tmp_path):
+    """site-1 claims more examples than the cap allows: rejected every round, the run goes on without it."""
+    run_config = (
+        f"dataset='digits' num-server-rounds=1 image-size=32 max-examples-per-site=600 run-dir='{tmp_path / 'runs'}'"
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "simulations.cli", "simulate", "--sites", "2", "--name", "lossy", "--run-config", run_config],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 3, out.stdout[-2000:] + out.stderr[-2000:]
+    summary = json.loads((tmp_path / "runs" / "lossy" / "summary.json").read_text())
+    assert summary["status"] == "degraded" and summary["rounds_completed"] == 1
+    assert list(summary["problems"]) == ["site-1"] and "outside [1, 600]" in summary["problems"]["site-1"][0]
+    final_table = out.stdout[out.stdout.rfind("site-1"):]
+    assert "outside [1, 600]" in " ".join(final_table.split())  # the final table says who was left out and why
+    assert (tmp_path / "runs" / "lossy" / "model" / "head.safetensors").is_file()

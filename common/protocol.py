@@ -1,0 +1,191 @@
+"""The wire protocol between the server and its sites, as typed code.
+
+Record names and keys are defined here once and used by both sides. The
+server sends :func:`build_instruction_config` and a site reads the request
+with :func:`parse_instruction`; a site builds its reply with
+:func:`build_train_content` / :func:`build_evaluate_content` from the typed
+:class:`TrainMetrics` / :class:`EvaluateMetrics` and :class:`SiteInfo`. The
+server parses replies with :mod:`common.replies`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from common.errors import ReplyError
+
+__all__ = [
+    "ARRAYS_RECORD",
+    "CONFIG_RECORD",
+    "METRICS_RECORD",
+    "SITE_RECORD",
+    "SERVER_ROUND",
+    "BACKBONE_SHA256",
+    "PROXIMAL_MU",
+    "SITE_NAME",
+    "SKIPPED_IMAGES",
+    "metric_keys",
+    "short_repr",
+    "SiteInfo",
+    "TrainMetrics",
+    "EvaluateMetrics",
+    "Instruction",
+    "build_instruction_config",
+    "parse_instruction",
+    "build_train_content",
+    "build_evaluate_content",
+]
+
+# Record names inside a message's RecordDict.
+ARRAYS_RECORD = "arrays"
+CONFIG_RECORD = "config"
+METRICS_RECORD = "metrics"
+SITE_RECORD = "site"
+
+# ConfigRecord keys the server sends. Flower's strategies set SERVER_ROUND
+# themselves and FedProx sets PROXIMAL_MU.
+SERVER_ROUND = "server-round"
+BACKBONE_SHA256 = "backbone-sha256"
+PROXIMAL_MU = "proximal-mu"
+
+# Site record keys.
+SITE_NAME = "site-name"
+SKIPPED_IMAGES = "skipped-images"
+
+_FOREVER = 1e9  # an upper bound for counts of seconds and passes that never binds
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    """Who replied and with which backbone (the SITE_RECORD)."""
+
+    name: str
+    backbone_sha256: str
+    skipped_images: int = 0
+
+    def to_record(self) -> ConfigRecord:
+        """This info as the ConfigRecord a reply carries."""
+        return ConfigRecord(
+            {SITE_NAME: self.name, BACKBONE_SHA256: self.backbone_sha256, SKIPPED_IMAGES: self.skipped_images}
+        )
+
+
+def _key(field: dataclasses.Field) -> str:
+    return field.metadata.get("key", field.name.replace("_", "-"))
+
+
+def _metric(low: float, high: float | None = None, *, key: str | None = None, optional: bool = False):
+    """A metric field: its range (``high=None`` means the run's example cap) and wire key."""
+    meta = {"low": low, "high": high, "optional": optional}
+    if key:
+        meta["key"] = key
+    return dataclasses.field(default=None if optional else dataclasses.MISSING, metadata=meta)
+
+
+@dataclass(frozen=True)
+class TrainMetrics:
+    """The numbers a site reports after training (the METRICS_RECORD of a train reply)."""
+
+    num_examples: int = _metric(1)
+    train_loss: float = _metric(0.0, _FOREVER)
+    epochs_run: int = _metric(0, 100_000)
+    backbone_forwards_train: int = _metric(0, _FOREVER)
+    backbone_forwards_eval: int = _metric(0, _FOREVER)
+    cache_hits: int = _metric(0, 1_000_000)
+    seconds: float = _metric(0.0, _FOREVER)
+
+
+@dataclass(frozen=True)
+class EvaluateMetrics:
+    """The numbers a site reports after evaluating; scores are absent when it has no examples."""
+
+    num_examples: int = _metric(0)
+    backbone_forwards_eval: int = _metric(0, _FOREVER)
+    loss: float | None = _metric(0.0, _FOREVER, key="eval-loss", optional=True)
+    accuracy: float | None = _metric(0.0, 1.0, key="eval-accuracy", optional=True)
+    precision: float | None = _metric(0.0, 1.0, key="eval-precision", optional=True)
+    recall: float | None = _metric(0.0, 1.0, key="eval-recall", optional=True)
+    f1: float | None = _metric(0.0, 1.0, key="eval-f1", optional=True)
+    auroc: float | None = _metric(0.0, 1.0, key="eval-auroc", optional=True)
+
+    def scores(self) -> dict[str, float]:
+        """The classification scores present, by metric name (loss, accuracy, ...)."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.metadata["optional"] and getattr(self, f.name) is not None
+        }
+
+
+def metric_keys(cls: type) -> dict[str, dataclasses.Field]:
+    """Wire key -> field of a metrics dataclass (its range and whether it may be absent in ``metadata``)."""
+    return {_key(f): f for f in dataclasses.fields(cls)}
+
+
+def _to_metric_record(metrics: TrainMetrics | EvaluateMetrics) -> MetricRecord:
+    values = {}
+    for f in dataclasses.fields(metrics):
+        value = getattr(metrics, f.name)
+        if value is None:
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            continue  # undefined (e.g. AUROC with one class present): omitted, never NaN on the wire
+        values[_key(f)] = value
+    return MetricRecord(values)
+
+
+def short_repr(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@dataclass(frozen=True)
+class Instruction:
+    """What the server asks of a site in one message, parsed on the site."""
+
+    server_round: int
+    backbone_sha256: str
+    proximal_mu: float
+    arrays: ArrayRecord
+
+
+def build_instruction_config(backbone_sha256: str) -> ConfigRecord:
+    """The CONFIG_RECORD the server sends with every train and evaluate message."""
+    return ConfigRecord({BACKBONE_SHA256: backbone_sha256})
+
+
+def parse_instruction(msg: Message) -> Instruction:
+    """The server's request, checked: its round, backbone hash, FedProx mu and arrays."""
+    content = msg.content
+    problems = []
+    if CONFIG_RECORD not in content.config_records:
+        raise ReplyError(["the server's message has no config record"])
+    config = content.config_records[CONFIG_RECORD]
+    server_round = config.get(SERVER_ROUND, 0)
+    backbone = config.get(BACKBONE_SHA256)
+    mu = config.get(PROXIMAL_MU, 0.0)
+    if not isinstance(server_round, int) or server_round < 0:
+        problems.append(f"'{SERVER_ROUND}' must be a non-negative integer, got {short_repr(server_round)}")
+    if not isinstance(backbone, str) or not backbone:
+        problems.append(f"the server's message lacks '{BACKBONE_SHA256}'")
+    if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not math.isfinite(mu) or mu < 0:
+        problems.append(f"'{PROXIMAL_MU}' must be a finite number >= 0, got {short_repr(mu)}")
+    if ARRAYS_RECORD not in content.array_records:
+        problems.append("the server's message carries no parameters")
+    if problems:
+        raise ReplyError(problems)
+    return Instruction(int(server_round), str(backbone), float(mu), content.array_records[ARRAYS_RECORD])
+
+
+def build_train_content(arrays: ArrayRecord, metrics: TrainMetrics, site: SiteInfo) -> RecordDict:
+    """A site's train reply: the trainable parameters, its numbers, who it is."""
+    return RecordDict({ARRAYS_RECORD: arrays, METRICS_RECORD: _to_metric_record(metrics), SITE_RECORD: site.to_record()})
+
+
+def build_evaluate_content(metrics: EvaluateMetrics, site: SiteInfo) -> RecordDict:
+    """A site's evaluate reply: its numbers and who it is (no parameters)."""
+    return RecordDict({METRICS_RECORD: _to_metric_record(metrics), SITE_RECORD: site.to_record()})
