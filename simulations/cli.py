@@ -1,175 +1,217 @@
-"""The ``fedhead`` command line.
+"""The ``fedhead`` command line, assembled: each command group is defined beside the code it serves.
 
-Each subcommand exits 0 on success; otherwise it prints one line per problem
-to stderr and exits non-zero (2 for bad input, 1 for a failed run).
+``site`` (client/cli.py), ``show`` (server/cli.py), ``weights`` (common/cli.py),
+``simulate`` and ``bench`` (here). Exit codes are :class:`common.cli.ExitCode`'s;
+every problem is one ``fedhead: ...`` line on stderr.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
+import os
+import platform
 import re
 import sys
+from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Annotated
 
-from common.errors import FedHeadError
-from common.logs import configure_logging
+import click
+import typer
+from rich.table import Table
 
-__all__ = ["main"]
+from client.cli import site_app
+from common.cli import ExitCode, check_run_name, exit_code_for_error, parse_run_config, report_problem, stdout_console, weights_app
+from common.errors import DataError, FedHeadError
+from common.logs import LOG_LEVELS, configure_logging
+from server.cli import print_run, show
+
+__all__ = ["app", "main"]
+
+EXIT_CODES = (
+    "Exit codes: 0 finished; 3 degraded (a site failed or was rejected in some round; tables and summary still "
+    "written); 1 failed; 2 bad input (nothing was started); 130 interrupted by SIGINT or SIGTERM (every process "
+    "the run started is stopped, summary.json says interrupted)."
+)
+
+app = typer.Typer(
+    name="fedhead",
+    help="Federated fine-tuning of a frozen torchvision backbone's head, with Flower and Opacus.",
+    epilog="Global options (--log-level) may also follow the subcommand.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(site_app)
+app.add_typer(weights_app)
+app.command("show")(show)
 
 
-def _pct(value: Any) -> str:
-    return f"{100 * value:.2f}%" if isinstance(value, (int, float)) else "-"
+def _versions() -> str:
+    def version(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
 
-
-def _print_sites(run_dir: Path) -> None:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    last = json.loads(lines[-1]) if lines else {}
-    sites = last.get("sites", {})
-    print(f"\nFinal per-site metrics (round {last.get('round')}, each site's validation split):")
-    print(f"  {'site':<10} {'train':>7} {'val':>6} {'accuracy':>9} {'f1':>7} {'auroc':>7} {'loss':>7}")
-    for name in sorted(sites, key=lambda s: (len(s), s)):
-        entry = sites[name]
-        ev = entry.get("eval") or {}
-        print(
-            f"  {name:<10} {entry.get('num_train_examples') or 0:>7} {entry.get('num_eval_examples') or 0:>6} "
-            f"{_pct(ev.get('accuracy')):>9} {_pct(ev.get('f1')):>7} {_pct(ev.get('auroc')):>7} "
-            f"{(ev.get('loss') or float('nan')):>7.4f}"
-        )
-
-
-def _print_summary(run_dir: Path, summary: dict[str, Any]) -> None:
-    print(f"\nRun folder: {run_dir}")
-    fwd = summary["backbone_forwards"]
-    b = summary["bytes"]
-    print(
-        f"Accuracy ({summary['evaluated_on']}): {_pct(summary['accuracy'])}, macro F1 {_pct(summary['macro_f1'])}, "
-        f"{summary['rounds_completed']} rounds in {summary['wall_seconds']:.0f} s"
+    return (
+        f"fedhead {version('fedhead')} (Flower {version('flwr')}, torch {version('torch')}, "
+        f"torchvision {version('torchvision')}, Opacus {version('opacus')}, Python {platform.python_version()})"
     )
-    print(
-        f"Bytes to a site per round: {b['max_train_bytes_to_site']:,} (head {b['head_parameter_bytes']:,}; "
-        f"full model {b['full_model_bytes']:,}; {100 * (b['fraction_of_full_model'] or 0):.2f}% of it)"
-    )
-    print(
-        f"Backbone forward passes: {fwd['total']:,} in all ({'cached features' if fwd['cache_features'] else 'no cache'}; "
-        f"server held-out set {fwd['server_eval']:,}; cache hits {fwd['cache_hits']})"
-    )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(_versions())
+        raise typer.Exit(ExitCode.OK)
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print fedhead's, Flower's and torch's versions.")] = False,
+    log_level: Annotated[str, typer.Option("--log-level", metavar="LEVEL", help=f"One of {', '.join(LOG_LEVELS)} (default: $FEDHEAD_LOG_LEVEL, else INFO).")] = "",
+) -> None:
+    """Federated fine-tuning of a frozen torchvision backbone's head, with Flower and Opacus."""
+    configure_logging(log_level or None)
+    if log_level:
+        os.environ["FEDHEAD_LOG_LEVEL"] = log_level.strip().upper()  # Flower's app processes inherit it
+    logging.getLogger("flwr").setLevel(logging.WARNING)
 
 
 _ROW = re.compile(r"(INFO|WARNING|ERROR) (server|client|common|simulations)[\w.]*: (.*)")
 
 
-def _simulate(args: argparse.Namespace) -> int:
-    from simulations.runner import parse_run_config, run_simulation
+def _stream_filter(verbose: bool):
+    """What of Flower's stream to print: our own log lines (and errors); everything with ``verbose``."""
 
-    overrides = parse_run_config(args.run_config or "")
-
-    def show(line: str) -> None:
+    def show_line(line: str) -> None:
         match = _ROW.search(line)
-        if args.verbose:
+        if verbose:
             print(line, flush=True)
         elif match:
             print(("" if match.group(1) == "INFO" else match.group(1) + ": ") + match.group(3), flush=True)
         elif "Error" in line or "Traceback" in line or "exception" in line.lower():
             print(line, flush=True)
 
-    result = run_simulation(num_sites=args.sites, name=args.name or "", overrides=overrides, on_line=show)
-    _print_sites(result.run_dir)
-    _print_summary(result.run_dir, result.summary)
-    return 0
+    return show_line
 
 
-def _weights_stage(args: argparse.Namespace) -> int:
-    from common.weights import sha256_file, stage_weights_file
-
-    dest = stage_weights_file(args.file, backbone=args.backbone)
-    print(f"staged {Path(args.file).name} at {dest} (sha256 {sha256_file(dest)})")
-    return 0
-
-
-def _site_check(args: argparse.Namespace) -> int:
-    from client.site_data import load_site_data
-    from common.config import build_run_config
-
-    cfg = build_run_config({"classes": args.classes} if args.classes else {})
-    site = load_site_data(Path(args.data_dir), cfg, name="site")
-    print(f"{args.data_dir}: {len(site.train)} training and {len(site.val)} validation images")
-    counts = [int((site.train.labels == c).sum()) for c in range(cfg.num_classes)]
-    for name, count in zip(cfg.class_names, counts):
-        print(f"  {name:<20} {count:>7}")
-    if site.skipped:
-        print(f"{len(site.skipped)} unreadable images were skipped:", file=sys.stderr)
-        for path in site.skipped:
-            print(f"  {path}", file=sys.stderr)
-        return 1
-    return 0
+def _print_run(run_dir: Path) -> None:
+    try:
+        print_run(run_dir, stdout_console())
+    except DataError as exc:
+        report_problem(f"cannot show the run's tables: {exc}")
 
 
-def _bench(args: argparse.Namespace) -> int:
+@app.command(epilog=EXIT_CODES)
+def simulate(
+    sites: Annotated[int, typer.Option(min=1, help="Number of simulated sites.")] = 4,
+    name: Annotated[str | None, typer.Option(help="Run folder name under run-dir: letters, digits, '.', '_', '-' (default: <UTC time>-<backbone>-<strategy>).")] = None,
+    run_config: Annotated[str, typer.Option("--run-config", metavar="'K=V ...'", help="Run-config overrides, e.g. \"num-server-rounds=5 strategy='fedprox'\" (keys: pyproject.toml's \\[tool.flwr.app.config]).")] = "",
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Show Flower's and Ray's whole log stream.")] = False,
+) -> None:
+    """Run a local multi-site simulation through a real Flower SuperLink and `flwr run`.
+
+    Prints fedhead's log lines from Flower's stream, then the per-round and per-site tables and the summary.
+    """
+    from simulations.run_inputs import check_run_target
+
+    overrides = parse_run_config(run_config)
+    if name is not None:
+        check_run_name(name)
+    check_run_target(num_sites=sites, name=name or "", overrides=overrides)  # refuse bad input in a blink
+
+    from simulations.processes import stop_on_signals
+    from simulations.runner import SimulationError, SimulationInterrupted, run_simulation
+
+    with stop_on_signals():
+        try:
+            result = run_simulation(num_sites=sites, name=name or "", overrides=overrides, on_line=_stream_filter(verbose))
+        except SimulationInterrupted as exc:
+            _print_run(exc.run_dir)
+            report_problem(str(exc))
+            raise typer.Exit(ExitCode.INTERRUPTED) from None
+        except SimulationError as exc:
+            if exc.run_dir is not None:
+                _print_run(exc.run_dir)
+            raise
+        except KeyboardInterrupt:
+            report_problem("interrupted before the run started; nothing of it is left running")
+            raise typer.Exit(ExitCode.INTERRUPTED) from None
+        _print_run(result.run_dir)
+    if result.summary.get("status") == "degraded":
+        report_problem(f"the run is degraded: {result.summary.get('error')}")
+        raise typer.Exit(ExitCode.DEGRADED)
+
+
+@app.command()
+def bench(
+    images: Annotated[int, typer.Option(min=10, help="Training images.")] = 2000,
+    epochs: Annotated[int, typer.Option(min=1, help="Local epochs per round.")] = 2,
+    rounds: Annotated[int, typer.Option(min=1, help="Rounds.")] = 3,
+    image_size: Annotated[int, typer.Option(min=16, help="Image size in pixels.")] = 64,
+) -> None:
+    """Measure cached-feature head training against running the backbone on every batch."""
     from simulations.bench import run_bench
 
-    r = run_bench(images=args.images, epochs=args.epochs, rounds=args.rounds, image_size=args.image_size)
-    print(f"fedhead bench: mobilenet_v2 at {r['image_size']} px, {r['images']} training images, {r['rounds']} rounds x {r['epochs']} epochs")
-    print(f"  {'arm':<8} {'seconds':>9} {'backbone passes':>16} {'val accuracy':>13}")
+    r = run_bench(images=images, epochs=epochs, rounds=rounds, image_size=image_size)
+    table = Table("arm", "seconds", "backbone passes", "val accuracy", title=(
+        f"mobilenet_v2 at {r['image_size']} px, {r['images']} training images, {r['rounds']} rounds x {r['epochs']} epochs"
+    ), title_justify="left")
     for arm in ("plain", "cached"):
-        print(f"  {arm:<8} {r[f'{arm}_seconds']:>9.1f} {int(r[f'{arm}_forwards']):>16,} {100 * r[f'{arm}_accuracy']:>12.1f}%")
-    print(f"  cached features are {r['speedup']:.1f}x faster than the plain way")
-    print(
-        f"  a site sends {int(r['head_bytes']):,} parameter bytes per round: "
+        table.add_row(arm, f"{r[f'{arm}_seconds']:.1f}", f"{int(r[f'{arm}_forwards']):,}", f"{100 * r[f'{arm}_accuracy']:.1f}%")
+    console = stdout_console()
+    console.print(table)
+    console.print(f"cached features are {r['speedup']:.1f}x faster than the plain way")
+    console.print(
+        f"a site sends {int(r['head_bytes']):,} parameter bytes per round: "
         f"{100 * r['bytes_fraction']:.2f}% of the full model ({int(r['full_bytes']):,})"
     )
-    return 0
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedhead", description="Federated fine-tuning of a frozen backbone's head.")
-    parser.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING")
-    sub = parser.add_subparsers(dest="command", required=True)
+_GLOBAL_WITH_VALUE = ("--log-level",)
 
-    sim = sub.add_parser("simulate", help="run a local multi-site simulation through Flower")
-    sim.add_argument("--sites", type=int, default=4, help="number of simulated sites (default 4)")
-    sim.add_argument("--name", default="", help="run folder name under runs/ (default: time-backbone-strategy)")
-    sim.add_argument("--run-config", default="", help='overrides, e.g. "num-server-rounds=5 strategy=\'fedprox\'"')
-    sim.add_argument("-v", "--verbose", action="store_true", help="show Flower's full log stream")
-    sim.set_defaults(func=_simulate)
 
-    weights = sub.add_parser("weights", help="provision backbone weights").add_subparsers(dest="action", required=True)
-    stage = weights.add_parser("stage", help="check a weights file and put it where torchvision looks")
-    stage.add_argument("file", help="a torchvision release file, e.g. mobilenet_v2-b0353104.pth")
-    stage.add_argument("--backbone", default=None, help="backbone name (default: from the file name)")
-    stage.set_defaults(func=_weights_stage)
-
-    site = sub.add_parser("site", help="a site's data").add_subparsers(dest="action", required=True)
-    check = site.add_parser("check", help="load and check a site's data before it joins")
-    check.add_argument("data_dir", help="an image folder (one sub-folder per class) or a .npz file")
-    check.add_argument("--classes", default="", help="comma-separated class names (default: Fashion-MNIST's)")
-    check.set_defaults(func=_site_check)
-
-    bench = sub.add_parser("bench", help="measure cached-feature training against the plain way")
-    bench.add_argument("--images", type=int, default=2000, help="training images (default 2000)")
-    bench.add_argument("--epochs", type=int, default=2, help="local epochs per round (default 2)")
-    bench.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
-    bench.add_argument("--image-size", type=int, default=64, help="pixels (default 64)")
-    bench.set_defaults(func=_bench)
-    return parser
+def _hoist_global_options(args: list[str]) -> list[str]:
+    """Move global options given after a subcommand to the front, where click reads them."""
+    front: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            rest += args[i:]
+            break
+        if arg in _GLOBAL_WITH_VALUE and i + 1 < len(args):
+            front += args[i : i + 2]
+            i += 2
+            continue
+        (front if arg.split("=", 1)[0] in _GLOBAL_WITH_VALUE else rest).append(arg)
+        i += 1
+    return front + rest
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``fedhead`` console script."""
-    args = _parser().parse_args(argv)
-    configure_logging(args.log_level)
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+    """Entry point of the ``fedhead`` console script; returns the exit code."""
+    args = _hoist_global_options(list(sys.argv[1:] if argv is None else argv))
+    command = typer.main.get_command(app)
     try:
-        return int(args.func(args))
+        return int(command.main(args=args, prog_name="fedhead", standalone_mode=False) or 0)
+    except click.exceptions.NoArgsIsHelpError as exc:  # its message is the help (rich help is printed already)
+        if exc.format_message().strip():
+            print(exc.format_message())
+        return ExitCode.OK
+    except click.ClickException as exc:
+        where = f" (see '{exc.ctx.command_path} --help')" if getattr(exc, "ctx", None) else ""
+        report_problem(exc.format_message() + where)
+        return exc.exit_code
+    except click.Abort:
+        report_problem("interrupted")
+        return ExitCode.INTERRUPTED
     except FedHeadError as exc:
-        for line in str(exc).splitlines():
-            print(f"fedhead: {line.strip()}", file=sys.stderr)
-        return 1 if type(exc).__name__ == "SimulationError" else 2
-    except KeyboardInterrupt:
-        print("fedhead: interrupted", file=sys.stderr)
-        return 130
+        report_problem(exc)
+        return exit_code_for_error(exc)
 
 
 if __name__ == "__main__":

@@ -4,9 +4,12 @@ The runner validates the config, prepares each site's partition file and
 checks the weights before anything starts; then it starts its own
 ``flower-superlink --simulation`` on a free loopback port (with a project-local
 ``FLWR_HOME`` and no runtime dependency installs), submits the app with
-``flwr run --stream``, and stops the SuperLink afterwards. Flower's own exit
-code does not say whether the run failed, so success is read from
-``flwr ls`` and from the run folder's ``summary.json``.
+``flwr run --stream``, and stops every process the run started afterwards
+(:mod:`simulations.processes`), interrupted or not. Flower's own exit code does
+not say whether the run failed, so success is read from ``flwr ls`` and from
+the run folder's ``summary.json``. A ``degraded`` run (a site failed or was
+rejected) returns normally; an interrupted one (SIGINT/SIGTERM) raises
+:class:`SimulationInterrupted` after its ``summary.json`` says ``interrupted``.
 """
 
 from __future__ import annotations
@@ -14,29 +17,40 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 
+from common.cli import ExitCode, parse_run_config
 from common.config import RunConfig, build_run_config
-from common.errors import ConfigError, FedHeadError
-from common.model import build_split_model
-from server.run_folder import default_run_name
-from simulations.prepare import prepare_federation
+from common.errors import FedHeadError
+from common.model import SplitModel, build_split_model
+from common.partitions import prepare_federation
+from common.paths import FEDHEAD_HOME_ENV
+from simulations.processes import (  # flower_env, free_port, process_group, superlink, write_connection: re-exported
+    StopRequested,
+    find_by_env,
+    flower_env,
+    free_port,
+    process_group,
+    stop_processes,
+    superlink,
+    write_connection,
+)
+from simulations.run_end import read_summary, settle_summary
+from simulations.run_inputs import check_run_target, project_root
 
 __all__ = [
     "SimulationResult",
     "SimulationError",
+    "SimulationInterrupted",
     "run_simulation",
     "project_root",
     "parse_run_config",
@@ -51,7 +65,21 @@ log = logging.getLogger(__name__)
 
 
 class SimulationError(FedHeadError, RuntimeError):
-    """The simulated run did not finish successfully."""
+    """The simulated run did not finish; ``run_dir`` and ``summary`` say how far it got (None before it started)."""
+
+    exit_code = ExitCode.FAILED
+
+    def __init__(self, message: str, *, run_dir: Path | None = None, summary: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.run_dir, self.summary = run_dir, summary
+
+
+class SimulationInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped the run; every process it started is gone and its summary says ``interrupted``."""
+
+    def __init__(self, message: str, *, run_dir: Path, summary: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.run_dir, self.summary = run_dir, summary
 
 
 @dataclass
@@ -60,100 +88,6 @@ class SimulationResult:
 
     run_dir: Path
     summary: dict[str, Any]
-
-
-def project_root() -> Path:
-    """The folder holding fedhead's pyproject.toml (the Flower app that is run)."""
-    root = Path(__file__).resolve().parent.parent
-    if not (root / "pyproject.toml").is_file():
-        raise ConfigError(f"cannot find fedhead's pyproject.toml next to {root}; run from a source checkout")
-    return root
-
-
-def parse_run_config(text: str) -> dict[str, Any]:
-    """Parse ``"k=v k2=v2"`` exactly as ``flwr run --run-config`` does."""
-    from flwr.common.config import parse_config_args
-
-    try:
-        return parse_config_args([text]) if text.strip() else {}
-    except Exception as exc:  # click/toml errors, reworded
-        raise ConfigError(f"cannot parse --run-config {text!r}: {exc}; use 'key=value key2=\"text\"'") from exc
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def flower_env(flwr_home: Path) -> dict[str, str]:
-    """Environment for Flower's tools: our FLWR_HOME, no runtime installs, this venv's bin first."""
-    env = os.environ.copy()
-    env["FLWR_HOME"] = str(flwr_home)
-    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
-    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
-    env["RAY_DEDUP_LOGS"] = "0"
-    bin_dir = str(Path(sys.executable).parent)
-    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
-    return env
-
-
-def wait_healthy(port: int, process: subprocess.Popen, log_file: Path, timeout: float = 60.0) -> None:
-    """Wait until a SuperLink answers /health on ``port``; raise if it exits or times out."""
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SimulationError(f"flower-superlink exited with code {process.returncode}; see {log_file}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=0.5).is_success:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    raise SimulationError(f"flower-superlink did not become ready within {timeout:.0f} s; see {log_file}")
-
-
-@contextlib.contextmanager
-def process_group(command: list[str], env: dict[str, str], log_file: Path) -> Iterator[subprocess.Popen]:
-    """Run ``command`` in its own process group, logging to ``log_file``; stop the whole group on exit.
-
-    Flower's daemons start children of their own (SuperExec, ClientApp
-    processes), so the group, not just the PID, is stopped.
-    """
-    with open(log_file, "wb") as log_handle:  # the child keeps its own descriptor
-        process = subprocess.Popen(command, env=env, stdout=log_handle, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        yield process
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-
-
-@contextlib.contextmanager
-def superlink(flwr_home: Path, env: dict[str, str], *, simulation: bool) -> Iterator[int]:
-    """A SuperLink on a free loopback port, ready when entered, stopped on exit; yields its port."""
-    port = free_port()
-    log_file = flwr_home / f"superlink-{port}.log"
-    command = ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port)]
-    if simulation:
-        command += ["--simulation", "--isolation", "subprocess"]
-    with process_group(command, env, log_file) as process:
-        wait_healthy(port, process, log_file)
-        yield port
-
-
-def write_connection(flwr_home: Path, port: int, name: str = "fedhead-sim") -> str:
-    """Write FLWR_HOME/config.toml with one insecure loopback connection; return its name."""
-    config = {"superlink": {"default": name, name: {"address": f"127.0.0.1:{port}", "insecure": True}}}
-    (flwr_home / "config.toml").write_text(tomli_w.dumps(config))
-    return name
 
 
 def _run_status(env: dict[str, str], connection: str) -> str | None:
@@ -178,57 +112,117 @@ def run_simulation(
     on_line: Callable[[str], None] | None = None,
     cpus_per_site: int = 1,
 ) -> SimulationResult:
-    """Run a local simulation of ``num_sites`` sites; raise SimulationError unless it finished."""
+    """Run a local simulation of ``num_sites`` sites; return it when ``finished`` or ``degraded``.
+
+    Raises ConfigError (and friends) before anything starts, SimulationError
+    when the run failed, SimulationInterrupted on SIGINT/SIGTERM (or Ctrl-C).
+    """
     root = project_root()
-    state = (state_dir or root / ".cache" / "fedhead").resolve()
-    overrides = {str(k).replace("_", "-"): v for k, v in (overrides or {}).items()}
-    cfg = build_run_config(overrides)
-    if num_sites < 1:
-        raise ConfigError(f"--sites {num_sites}: need at least one site")
-    run_dir = Path(overrides.get("run-dir", root / "runs")).resolve()
-    run_name = name or str(overrides.get("run-name", "")) or default_run_name(cfg)
-    if (run_dir / run_name).exists():
-        raise ConfigError(f"run folder {run_dir / run_name} already exists; choose another --name or remove it")
+    target = check_run_target(num_sites=num_sites, name=name, overrides=overrides, state_dir=state_dir)
+    cfg, overrides, run_dir, run_name, state = target.cfg, target.overrides, target.run_dir, target.run_name, target.state
     federation = prepare_federation(cfg, num_sites, cache_root=state)
     resolved: dict[str, Any] = {
         **overrides,
-        "partitions-dir": str(federation.partitions_dir),
         "server-eval-data": str(overrides.get("server-eval-data") or federation.test_path),
         "classes": ",".join(federation.classes),
         "run-dir": str(run_dir),
         "run-name": run_name,
-        "cache-dir": str(Path(overrides.get("cache-dir", state / "features")).resolve()),
         "min-sites": min(int(overrides.get("min-sites", cfg.min_sites)), num_sites),
     }
     cfg = build_run_config(resolved)
-    build_split_model(cfg)  # weights present and verified before any process starts
+    model = build_split_model(cfg)  # weights present and verified before any process starts
     run_config = {k: v for k, v in cfg.to_run_config().items() if k in resolved}
     flwr_home = state / "flwr-home" / run_name  # one per run: concurrent simulations never share it
     flwr_home.mkdir(parents=True, exist_ok=True)
     env = flower_env(flwr_home)
+    env[FEDHEAD_HOME_ENV] = str(state)  # simulated sites keep their state, and find their partitions, here
     with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False, dir=flwr_home) as fh:
         fh.write(tomli_w.dumps(run_config))
         run_config_file = fh.name
     federation_config = f"num-supernodes={num_sites} client-resources-num-cpus={cpus_per_site}"
     log.info("simulating %d sites; run folder %s", num_sites, run_dir / run_name)
+    started = time.monotonic()
+    try:
+        returncode, flwr_status = _run_flower(root, flwr_home, env, Path(run_config_file), federation_config, on_line)
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, StopRequested) else signal.SIGINT
+        raise _interrupted(run_dir / run_name, signal.Signals(signum).name, cfg, model, time.monotonic() - started) from None
+    finally:
+        Path(run_config_file).unlink(missing_ok=True)
+    return _judge(run_dir / run_name, returncode, flwr_status, cfg, model, time.monotonic() - started)
+
+
+def _run_flower(
+    root: Path, flwr_home: Path, env: dict[str, str], run_config_file: Path, federation_config: str,
+    on_line: Callable[[str], None] | None,
+) -> tuple[int, str | None]:
+    """Start a SuperLink, stream ``flwr run``; stop every process of the run however this ends."""
+    process: subprocess.Popen | None = None
     try:
         with superlink(flwr_home, env, simulation=True) as port:
             connection = write_connection(flwr_home, port)
             command = [
                 "flwr", "run", str(root), connection, "--stream",
-                "--run-config", run_config_file, "--federation-config", federation_config,
+                "--run-config", str(run_config_file), "--federation-config", federation_config,
             ]
-            process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+            process = subprocess.Popen(
+                command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                start_new_session=True,  # a terminal's Ctrl-C reaches us; we stop it, in order
+            )
             for line in process.stdout or ():
                 if on_line:
                     on_line(line.rstrip("\n"))
             process.wait()
-            status = _run_status(env, connection)
+            return process.returncode, _run_status(env, connection)
     finally:
-        Path(run_config_file).unlink(missing_ok=True)
-    summary_path = run_dir / run_name / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
-    if process.returncode != 0 or summary is None or summary.get("status") != "finished" or status not in (None, "finished:completed"):
-        reason = (summary or {}).get("error") or f"flwr run exited {process.returncode}, run status {status}"
-        raise SimulationError(f"simulation '{run_name}' did not finish: {reason}; logs above, folder {run_dir / run_name}")
-    return SimulationResult(run_dir / run_name, summary)
+        try:
+            _stop_everything(flwr_home, process)
+        except KeyboardInterrupt:  # a first signal mid-sweep; stop_on_signals raises only once, so this one completes
+            _stop_everything(flwr_home, process)
+            raise
+
+
+def _stop_everything(flwr_home: Path, process: subprocess.Popen | None) -> None:
+    """Stop ``flwr run`` and every process that carries this run's FLWR_HOME (re-parented ones too)."""
+    roots = [process.pid] if process is not None and process.poll() is None else []
+    for _ in range(3):  # a process may start another while we stop it
+        pids = roots + find_by_env("FLWR_HOME", str(flwr_home))
+        if not pids:
+            break
+        log.debug("stopping %d processes of the run (and their children)", len(pids))
+        stop_processes(pids, groups=roots)
+        roots = []
+    else:
+        log.warning("processes of the run are still running: %s", find_by_env("FLWR_HOME", str(flwr_home)))
+    if process is not None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=10)
+
+
+def _interrupted(run_folder: Path, signame: str, cfg: RunConfig, model: SplitModel, seconds: float) -> SimulationInterrupted:
+    summary = settle_summary(run_folder, status="interrupted", error=f"interrupted by {signame}", cfg=cfg, model=model, wall_seconds=seconds)
+    return SimulationInterrupted(
+        f"simulation '{run_folder.name}' was interrupted by {signame} after {summary.get('rounds_completed')} "
+        f"of {summary.get('num_server_rounds')} rounds; every process it started is stopped; folder {run_folder}",
+        run_dir=run_folder,
+        summary=summary,
+    )
+
+
+def _judge(run_folder: Path, returncode: int, flwr_status: str | None, cfg: RunConfig, model: SplitModel, seconds: float) -> SimulationResult:
+    """The result of a run that ended on its own; SimulationError unless it finished or is degraded."""
+    summary = read_summary(run_folder)
+    how = f"flwr run exited {returncode}, run status {flwr_status}"
+    if summary is None:
+        summary = settle_summary(run_folder, status="failed", error=f"the ServerApp wrote no summary; {how}", cfg=cfg, model=model, wall_seconds=seconds)
+    ended_well = summary.get("status") in ("finished", "degraded")
+    if returncode != 0 or not ended_well or flwr_status not in (None, "finished:completed"):
+        if ended_well:
+            summary = settle_summary(run_folder, status="failed", error=how, cfg=cfg, model=model, wall_seconds=seconds)
+        reason = summary.get("error") or how
+        raise SimulationError(
+            f"simulation '{run_folder.name}' did not finish: {reason}; logs above, folder {run_folder}",
+            run_dir=run_folder,
+            summary=summary,
+        )
+    return SimulationResult(run_folder, summary)

@@ -1,0 +1,157 @@
+"""``fedhead show RUN_DIR``: a run's rounds, sites and summary as tables.
+
+The tables are drawn from the typed round records of ``metrics.jsonl``
+(:class:`common.round_record.RoundRecord`) and from ``summary.json``; the same
+renderer prints the end of ``fedhead simulate``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console, Group
+from rich.table import Table
+from rich.text import Text
+
+from common.cli import ExitCode, report_problem, stdout_console
+from common.round_record import RoundRecord, load_round_records
+
+__all__ = ["round_table", "site_table", "summary_table", "print_run", "show"]
+
+_STATUS_STYLE = {"finished": "green", "degraded": "yellow", "interrupted": "yellow", "failed": "red"}
+
+
+def _pct(value: float | None) -> str:
+    return f"{100 * value:.2f}%" if isinstance(value, (int, float)) and value == value else "-"
+
+
+def _num(value: float | None, fmt: str = ".4f") -> str:
+    return format(value, fmt) if isinstance(value, (int, float)) and value == value else "-"
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f}" if n else "-"
+
+
+def _site_order(name: str) -> tuple:
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
+
+
+def _train_loss(record: RoundRecord) -> float | None:
+    trains = [s.train for s in record.sites.values() if s.train and s.train.accepted and s.train.train_loss is not None]
+    weight = sum(t.num_examples or 0 for t in trains)
+    if not trains or not weight:
+        return None
+    return sum((t.train_loss or 0.0) * (t.num_examples or 0) for t in trains) / weight
+
+
+def round_table(records: Iterable[RoundRecord]) -> Table:
+    """One row per round: sites aggregated, problems, losses and scores, bytes and time."""
+    table = Table(title="Rounds", title_justify="left")
+    for header in ("round", "sites", "problems", "train loss", "site-val acc", "site-val F1", "test acc", "test F1", "test loss", "MB down", "MB up", "s"):
+        table.add_column(header, justify="left" if header == "problems" else "right")
+    for r in records:
+        sampled = len(r.sampled_nodes) or len(r.sites)
+        problems = Text(str(len(r.problems)), style="red") if r.problems else Text("-")
+        table.add_row(
+            str(r.round), f"{len(r.aggregated_sites)} of {sampled}" if r.round else "-", problems, _num(_train_loss(r)),
+            _pct(r.federated_eval.get("accuracy")), _pct(r.federated_eval.get("f1")),
+            _pct(r.central_eval.get("accuracy")), _pct(r.central_eval.get("f1")), _num(r.central_eval.get("loss")),
+            _mb(r.bytes_down), _mb(r.bytes_up), f"{r.wall_seconds:.1f}",
+        )
+    return table
+
+
+def _site_problems(records: list[RoundRecord]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for r in records:
+        for site, reasons in r.problem_sites().items():
+            out.setdefault(site, []).extend(f"round {r.round} {reason}" for reason in reasons)
+    return out
+
+
+def site_table(records: list[RoundRecord], *, max_reasons: int = 3) -> Table:
+    """One row per site: its last accepted evaluation, the rounds its update was aggregated in, and its problems."""
+    rounds = [r for r in records if r.round > 0]
+    problems = _site_problems(records)
+    names = sorted({n for r in records for n in r.sites} | set(problems), key=_site_order)
+    table = Table(title="Sites (last accepted evaluation on each site's validation split)", title_justify="left")
+    for header in ("site", "train", "val", "aggregated", "accuracy", "F1", "AUROC", "loss", "failed or rejected"):
+        table.add_column(header, justify="left" if header in ("site", "failed or rejected") else "right")
+    for name in names:
+        seen = [r.sites[name] for r in records if name in r.sites]
+        trains = [s.train for s in seen if s.train and s.train.accepted]
+        evals = [s.evaluate for s in seen if s.evaluate and s.evaluate.accepted]
+        scores = evals[-1].scores if evals else {}
+        reasons = problems.get(name, [])
+        shown = reasons[:max_reasons] + ([f"... and {len(reasons) - max_reasons} more"] if len(reasons) > max_reasons else [])
+        table.add_row(
+            Text(name, style="red" if reasons else ""),
+            str(trains[-1].num_examples or "-") if trains else "-",
+            str(evals[-1].num_examples or "-") if evals else "-",
+            f"{sum(1 for r in rounds if name in r.aggregated_sites)} of {len(rounds)}",
+            _pct(scores.get("accuracy")), _pct(scores.get("f1")), _pct(scores.get("auroc")), _num(scores.get("loss")),
+            Text("\n".join(shown) or "-", style="red" if reasons else ""),
+        )
+    return table
+
+
+def summary_table(summary: dict[str, Any]) -> Table:
+    """The run's final figures from ``summary.json``, one per line."""
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    status = str(summary.get("status"))
+    grid.add_row("status", Text(status, style=_STATUS_STYLE.get(status, "")))
+    if summary.get("error"):
+        grid.add_row("why", str(summary["error"]))
+    grid.add_row(f"accuracy ({summary.get('evaluated_on') or 'not evaluated'})", f"{_pct(summary.get('accuracy'))}, macro F1 {_pct(summary.get('macro_f1'))}")
+    grid.add_row("rounds", f"{summary.get('rounds_completed')} of {summary.get('num_server_rounds')} in {_num(summary.get('wall_seconds'), '.0f')} s")
+    b = summary.get("bytes") or {}
+    if b.get("max_train_bytes_to_site") is not None:
+        grid.add_row(
+            "bytes to a site per round",
+            f"{b['max_train_bytes_to_site']:,} (head {b.get('head_parameter_bytes') or 0:,}; "
+            f"{_pct(b.get('fraction_of_full_model'))} of the full model's {b.get('full_model_bytes') or 0:,})",
+        )
+    fwd = summary.get("backbone_forwards") or {}
+    if fwd.get("total") is not None:
+        cached = "cached features" if fwd.get("cache_features") else "no cache"
+        grid.add_row("backbone passes", f"{fwd['total']:,} ({cached}; server held-out set {fwd.get('server_eval', 0):,}; cache hits {fwd.get('cache_hits', 0)})")
+    for site, reasons in sorted((summary.get("problems") or {}).items(), key=lambda kv: _site_order(kv[0])):
+        grid.add_row(f"problems: {site}", f"{len(reasons)}, first: {reasons[0]}" if reasons else "-")
+    return grid
+
+
+def print_run(run_dir: Path, console: Console | None = None) -> dict[str, Any] | None:
+    """Print a run folder's round table, site table and summary; return the summary (None if absent)."""
+    console = console or stdout_console()
+    records = load_round_records(run_dir / "metrics.jsonl")
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.exists() else None
+    parts: list[Any] = []
+    if records:
+        parts += [round_table(records), site_table(records)]
+    else:
+        parts.append(Text("no round was recorded", style="yellow"))
+    parts.append(Text(f"Run folder: {run_dir}", style="bold"))
+    if summary is not None:
+        parts.append(summary_table(summary))
+    console.print(Group(*parts))
+    return summary
+
+
+def show(run_dir: Annotated[Path, typer.Argument(help="A run folder, e.g. runs/<name>.")]) -> None:
+    """Print a run's per-round table, final per-site table and summary.
+
+    RUN_DIR is a run folder, e.g. runs/<name>.
+    """
+    if not run_dir.is_dir() or not ((run_dir / "metrics.jsonl").exists() or (run_dir / "summary.json").exists()):
+        report_problem(f"{run_dir} is not a run folder (no metrics.jsonl or summary.json in it)")
+        raise typer.Exit(ExitCode.BAD_INPUT)
+    print_run(run_dir)
