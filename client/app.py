@@ -21,10 +21,12 @@ from flwr.clientapp import ClientApp
 
 from client.feature_cache import FeatureCache
 from client.feature_source import build_feature_source
+from client.privacy_ledger import PrivacyLedger
+from client.privacy_round import check_policy, plan_round, records_dp, train_round_privately
 from client.site_data import SiteData, load_site_data
 from client.training import evaluate_locally, train_locally
 from common.config import RunConfig, build_run_config
-from common.errors import FingerprintError, public_reason
+from common.errors import FedHeadError, FingerprintError, public_reason
 from common.exchange import load_arrayrecord, to_arrayrecord
 from common.logs import configure_logging
 from common.model import SplitModel, build_split_model
@@ -59,6 +61,7 @@ class _Site:
     instruction: Instruction
     model: SplitModel
     data: SiteData
+    run_id: str
 
     @property
     def cache(self) -> FeatureCache | None:
@@ -96,7 +99,7 @@ def _prepare(msg: Message, context: Context) -> _Site:
         )
     load_arrayrecord(model.trainable, instruction.arrays)
     data = load_site_data(_data_path(cfg, site_cfg), cfg, name=site_cfg.site_name)
-    return _Site(cfg, site_cfg, instruction, model, data)
+    return _Site(cfg, site_cfg, instruction, model, data, str(context.run_id))
 
 
 def _answer(msg: Message, context: Context, handler: Callable[[_Site], RecordDict]) -> Message:
@@ -104,7 +107,10 @@ def _answer(msg: Message, context: Context, handler: Callable[[_Site], RecordDic
     configure_logging()
     try:
         return Message(content=handler(_prepare(msg, context)), reply_to=msg)
-    except Exception as exc:  # the boundary: every failure becomes an error reply, logged here with its traceback
+    except FedHeadError as exc:  # a refusal or a named problem: its message says it all
+        log.error("this site did not answer the server's %s request: %s", msg.metadata.message_type, exc)
+        return Message(Error(code=_HANDLER_FAILED, reason=public_reason(exc)), reply_to=msg)
+    except Exception as exc:  # the boundary: any other failure becomes an error reply, logged here with its traceback
         log.exception("this site could not answer the server's %s request", msg.metadata.message_type)
         return Message(Error(code=_HANDLER_FAILED, reason=public_reason(exc)), reply_to=msg)
 
@@ -112,31 +118,47 @@ def _answer(msg: Message, context: Context, handler: Callable[[_Site], RecordDic
 def _train(site: _Site) -> RecordDict:
     started = time.monotonic()
     cfg, data = site.cfg, site.data
+    # The site's policy and budget are checked before any feature is computed or any step taken.
+    ledger = PrivacyLedger.in_state_dir(site.site_cfg.state_dir).load() if records_dp(cfg) else None
+    plan = (
+        plan_round(cfg, num_examples=len(data.train), data_fingerprint=data.records_fingerprint(), ledger=ledger)
+        if ledger is not None
+        else None
+    )
+    check_policy(site.site_cfg, cfg, plan=plan, num_examples=len(data.train), backbone_sha256=site.model.weights_sha256)
     cache = site.cache
     train_source = build_feature_source(
         site.model, data.train, cache=cache, augment_views=cfg.augment_views, seed=cfg.seed, label=f"{data.name} train"
     )
     val_source = build_feature_source(site.model, data.val, cache=cache, augment_views=0, seed=cfg.seed, label=f"{data.name} val")
-    report = train_locally(
-        site.model.trainable,
-        train_source,
-        data.train.labels,
-        val_source,
-        data.val.labels,
-        cfg,
-        server_round=site.instruction.server_round,
-        proximal_mu=site.instruction.proximal_mu,
-    )
+    privacy = None
+    if plan is not None and ledger is not None:
+        report, privacy = train_round_privately(
+            site.model.trainable, train_source, data.train.labels, cfg,
+            plan=plan, ledger=ledger, run_id=site.run_id,
+            server_round=site.instruction.server_round, proximal_mu=site.instruction.proximal_mu,
+        )
+    else:
+        report = train_locally(
+            site.model.trainable,
+            train_source,
+            data.train.labels,
+            val_source,
+            data.val.labels,
+            cfg,
+            server_round=site.instruction.server_round,
+            proximal_mu=site.instruction.proximal_mu,
+        )
     metrics = TrainMetrics(
         num_examples=report.num_examples,
-        train_loss=report.train_loss,
+        train_loss=None if privacy else report.train_loss,  # under DP the loss on the site's records is not released
         epochs_run=report.epochs_run,
         backbone_forwards_train=train_source.forwards,
         backbone_forwards_eval=val_source.forwards,
         cache_hits=train_source.hits + val_source.hits,
         seconds=time.monotonic() - started,
     )
-    return build_train_content(to_arrayrecord(site.model.trainable), metrics, site.info)
+    return build_train_content(to_arrayrecord(site.model.trainable), metrics, site.info, privacy)
 
 
 def _evaluate(site: _Site) -> RecordDict:

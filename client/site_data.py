@@ -16,6 +16,7 @@ server's held-out evaluation and the benchmark loaders.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,23 @@ class SiteData:
     val: Split
     skipped: list[SkippedFile] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+
+    def records_fingerprint(self) -> str:
+        """sha256 of the site's records as a set (each image with its label, train and validation alike).
+
+        It keys the site's privacy ledger: splitting the same images another
+        way (another val-fraction or seed) is still the same data, the same budget.
+        """
+        digests = sorted(_record_digests(self.train) + _record_digests(self.val))
+        return hashlib.sha256("".join(digests).encode()).hexdigest()
+
+
+def _record_digests(split: Split) -> list[str]:
+    images = split.images if not isinstance(split.images, torch.Tensor) else list(split.images)
+    return [
+        hashlib.sha256(str(tuple(img.shape)).encode() + img.contiguous().numpy().tobytes() + str(int(label)).encode()).hexdigest()
+        for img, label in zip(images, split.labels.tolist())
+    ]
 
 
 def _take(split: Split, idx: torch.Tensor) -> Split:

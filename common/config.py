@@ -87,6 +87,7 @@ class RunConfig:
     # privacy: record-level DP-SGD at the sites ('sample'), client-level DP at the server ('central'), or both
     dp: str = "none"
     accountant: str = "rdp"
+    dp_sample_rate: float = 0.0  # Poisson sampling rate of DP-SGD; 0 means batch-size / the site's examples
     target_epsilon: float = 8.0
     target_delta: float = 1e-5
     max_grad_norm: float = 1.0
@@ -216,7 +217,11 @@ def _problems(cfg: RunConfig) -> list[str]:
     need(0.0 < cfg.target_delta < 1.0, f"'target-delta' = {cfg.target_delta}: must be in (0, 1)")
     need(cfg.max_grad_norm > 0, f"'max-grad-norm' = {cfg.max_grad_norm}: must be > 0")
     need(cfg.dp in DP_MODES, f"'dp' = {cfg.dp!r}: choose one of {', '.join(DP_MODES)}")
-    need(cfg.dp == "none", f"'dp' = {cfg.dp!r}: differential privacy is not part of this release yet; run with dp='none'")
+    need(
+        cfg.dp in ("none", "sample"),
+        f"'dp' = {cfg.dp!r}: client-level DP at the server is not wired in yet; use dp='sample' or dp='none'",
+    )
+    need(0.0 <= cfg.dp_sample_rate <= 1.0, f"'dp-sample-rate' = {cfg.dp_sample_rate}: must be in [0, 1] (0: batch-size / examples)")
     need(cfg.accountant in ACCOUNTANTS, f"'accountant' = {cfg.accountant!r}: choose one of {', '.join(ACCOUNTANTS)}")
     need(bool(cfg.run_dir), "'run-dir' is empty: give a folder for run outputs")
     need(

@@ -17,12 +17,15 @@ from dataclasses import dataclass
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from common.errors import ReplyError
+from common.privacy import DPEvent, PrivacyError
 
 __all__ = [
     "ARRAYS_RECORD",
     "CONFIG_RECORD",
     "METRICS_RECORD",
     "SITE_RECORD",
+    "PRIVACY_RECORD",
+    "PrivacyReport",
     "SERVER_ROUND",
     "BACKBONE_SHA256",
     "PROXIMAL_MU",
@@ -45,6 +48,7 @@ ARRAYS_RECORD = "arrays"
 CONFIG_RECORD = "config"
 METRICS_RECORD = "metrics"
 SITE_RECORD = "site"
+PRIVACY_RECORD = "privacy"
 
 # ConfigRecord keys the server sends. Flower's strategies set SERVER_ROUND
 # themselves and FedProx sets PROXIMAL_MU.
@@ -91,12 +95,12 @@ class TrainMetrics:
     """The numbers a site reports after training (the METRICS_RECORD of a train reply)."""
 
     num_examples: int = _metric(1)
-    train_loss: float = _metric(0.0, _FOREVER)
     epochs_run: int = _metric(0, 100_000)
     backbone_forwards_train: int = _metric(0, _FOREVER)
     backbone_forwards_eval: int = _metric(0, _FOREVER)
     cache_hits: int = _metric(0, 1_000_000)
     seconds: float = _metric(0.0, _FOREVER)
+    train_loss: float | None = _metric(0.0, _FOREVER, optional=True)  # absent under record-level DP
 
 
 @dataclass(frozen=True)
@@ -144,6 +148,64 @@ def short_repr(value: object, limit: int = 60) -> str:
 
 
 @dataclass(frozen=True)
+class PrivacyReport:
+    """A site's record-level DP for one round: the DP-SGD event it ran and what it has spent.
+
+    ``epsilon_run`` composes this run's events at this site; ``epsilon_lifetime``
+    every event on the same data in the site's ledger, across runs.
+    """
+
+    event: DPEvent
+    delta: float
+    epsilon_run: float
+    epsilon_lifetime: float
+
+    _KEYS = ("noise-multiplier", "sample-rate", "steps", "max-grad-norm", "accountant", "delta", "epsilon-run", "epsilon-lifetime")
+
+    def to_record(self) -> ConfigRecord:
+        """The PRIVACY_RECORD a train reply carries."""
+        e = self.event
+        return ConfigRecord(dict(zip(self._KEYS, (
+            float(e.noise_multiplier), float(e.sample_rate), int(e.steps), float(e.max_grad_norm), e.accountant,
+            float(self.delta), float(self.epsilon_run), float(self.epsilon_lifetime),
+        ))))
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord, problems: list[str]) -> "PrivacyReport | None":
+        """Parse a PRIVACY_RECORD; append every problem to ``problems`` and return None on any."""
+        before = len(problems)
+        extra, missing = sorted(set(record) - set(cls._KEYS)), sorted(set(cls._KEYS) - set(record))
+        if extra or missing:
+            problems.append(f"privacy record keys differ: missing {missing}, unexpected {extra}")
+            return None
+        numbers = {}
+        for key in ("delta", "epsilon-run", "epsilon-lifetime"):
+            value = record[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                problems.append(f"privacy '{key}' must be a finite number >= 0, got {short_repr(value)}")
+            else:
+                numbers[key] = float(value)
+        if "delta" in numbers and not 0 < numbers["delta"] < 1:
+            problems.append(f"privacy 'delta' = {numbers['delta']} is outside (0, 1)")
+        try:
+            event = DPEvent(
+                noise_multiplier=record["noise-multiplier"], sample_rate=record["sample-rate"],
+                steps=record["steps"], max_grad_norm=record["max-grad-norm"], accountant=record["accountant"],
+            )
+        except (PrivacyError, TypeError) as exc:
+            problems.append(str(exc))
+            return None
+        if len(problems) > before:
+            return None
+        return cls(event, numbers["delta"], numbers["epsilon-run"], numbers["epsilon-lifetime"])
+
+    def to_json(self) -> dict:
+        """As stored in a round record."""
+        return {"event": self.event.to_json(), "delta": self.delta, "epsilon_run": self.epsilon_run,
+                "epsilon_lifetime": self.epsilon_lifetime}
+
+
+@dataclass(frozen=True)
 class Instruction:
     """What the server asks of a site in one message, parsed on the site."""
 
@@ -181,9 +243,14 @@ def parse_instruction(msg: Message) -> Instruction:
     return Instruction(int(server_round), str(backbone), float(mu), content.array_records[ARRAYS_RECORD])
 
 
-def build_train_content(arrays: ArrayRecord, metrics: TrainMetrics, site: SiteInfo) -> RecordDict:
-    """A site's train reply: the trainable parameters, its numbers, who it is."""
-    return RecordDict({ARRAYS_RECORD: arrays, METRICS_RECORD: _to_metric_record(metrics), SITE_RECORD: site.to_record()})
+def build_train_content(
+    arrays: ArrayRecord, metrics: TrainMetrics, site: SiteInfo, privacy: PrivacyReport | None = None
+) -> RecordDict:
+    """A site's train reply: the trainable parameters, its numbers, who it is, and its DP event if any."""
+    content = {ARRAYS_RECORD: arrays, METRICS_RECORD: _to_metric_record(metrics), SITE_RECORD: site.to_record()}
+    if privacy is not None:
+        content[PRIVACY_RECORD] = privacy.to_record()
+    return RecordDict(content)
 
 
 def build_evaluate_content(metrics: EvaluateMetrics, site: SiteInfo) -> RecordDict:

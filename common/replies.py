@@ -23,10 +23,12 @@ from common.protocol import (
     ARRAYS_RECORD,
     BACKBONE_SHA256,
     METRICS_RECORD,
+    PRIVACY_RECORD,
     SITE_NAME,
     SITE_RECORD,
     SKIPPED_IMAGES,
     EvaluateMetrics,
+    PrivacyReport,
     SiteInfo,
     TrainMetrics,
     metric_keys,
@@ -75,6 +77,7 @@ class TrainReply:
     metrics: TrainMetrics
     arrays: ArrayRecord
     update_sha256: str
+    privacy: PrivacyReport | None = None
 
 
 @dataclass(frozen=True)
@@ -123,12 +126,24 @@ def _failed(msg: Message) -> None:
         raise SiteFailedError(msg.error.reason)
 
 
-def parse_train_reply(msg: Message, *, layout: Layout, backbone_sha256: str, max_examples: int) -> TrainReply:
-    """Parse a train reply or raise ReplyError listing every problem (SiteFailedError for an error reply)."""
+def parse_train_reply(
+    msg: Message, *, layout: Layout, backbone_sha256: str, max_examples: int, require_privacy: bool = False
+) -> TrainReply:
+    """Parse a train reply or raise ReplyError listing every problem (SiteFailedError for an error reply).
+
+    With ``require_privacy`` (record-level DP asked of the sites) a reply without
+    a valid privacy record is rejected; without it, a reply carrying one is too.
+    """
     _failed(msg)
     problems: list[str] = []
     content = msg.content
-    _check_records(content, {ARRAYS_RECORD: ArrayRecord, METRICS_RECORD: MetricRecord, SITE_RECORD: ConfigRecord}, problems)
+    expected = {ARRAYS_RECORD: ArrayRecord, METRICS_RECORD: MetricRecord, SITE_RECORD: ConfigRecord}
+    if require_privacy:
+        expected[PRIVACY_RECORD] = ConfigRecord
+    _check_records(content, expected, problems)
+    privacy = None
+    if require_privacy and PRIVACY_RECORD in content.config_records:
+        privacy = PrivacyReport.from_record(content.config_records[PRIVACY_RECORD], problems)
     site = _parse_site(content, backbone_sha256, problems) if SITE_RECORD in content.config_records else None
     metrics = None
     if METRICS_RECORD in content.metric_records:
@@ -136,10 +151,10 @@ def parse_train_reply(msg: Message, *, layout: Layout, backbone_sha256: str, max
     arrays = content.array_records.get(ARRAYS_RECORD)
     if arrays is not None:
         problems.extend(validate_arrays(arrays, layout))
-    if problems or site is None or metrics is None or arrays is None:
+    if problems or site is None or metrics is None or arrays is None or (require_privacy and privacy is None):
         raise ReplyError(problems or ["the reply could not be parsed"])
     digest = sha256_arrays({name: arrays[name].numpy() for name in arrays})
-    return TrainReply(msg.metadata.src_node_id, site, metrics, arrays, digest)
+    return TrainReply(msg.metadata.src_node_id, site, metrics, arrays, digest, privacy)
 
 
 def parse_evaluate_reply(msg: Message, *, backbone_sha256: str, max_examples: int) -> EvaluateReply:

@@ -32,7 +32,7 @@ __all__ = [
 RUN_STATUSES = ("finished", "degraded", "interrupted", "failed")
 
 Phase = Literal["train", "evaluate"]
-ProblemKind = Literal["failed", "rejected", "missing"]
+ProblemKind = Literal["failed", "rejected", "refused", "missing"]
 
 
 @dataclass
@@ -52,6 +52,9 @@ class SiteTrain:
     skipped_images: int = 0
     update_sha256: str | None = None
     update_l2_norm: float | None = None
+    # record-level DP: {"event": {noise_multiplier, sample_rate, steps, max_grad_norm, accountant},
+    # "delta", "epsilon_run", "epsilon_lifetime"} (common.protocol.PrivacyReport.to_json)
+    privacy: dict[str, Any] | None = None
 
 
 @dataclass
@@ -88,7 +91,7 @@ class SiteRound:
 
 @dataclass
 class NodeProblem:
-    """A sampled node that failed, whose reply was rejected, or that never answered."""
+    """A sampled node that failed, refused by its own privacy policy, whose reply was rejected, or that never answered."""
 
     node_id: int
     site: str

@@ -22,7 +22,10 @@ from common.exchange import Layout
 from common.replies import claimed_site_name, parse_evaluate_reply, parse_train_reply, update_l2_norm
 from server.round_recorder import RoundRecorder, message_bytes, short_reason
 
-__all__ = ["CheckedStrategy"]
+__all__ = ["CheckedStrategy", "POLICY_REFUSAL"]
+
+# How a site's error reason starts when its own privacy policy refused the round.
+POLICY_REFUSAL = "PolicyRefusal:"
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +34,17 @@ class CheckedStrategy(Strategy):
     """Parse and record replies, then delegate to ``inner``."""
 
     def __init__(
-        self, inner: Strategy, *, layout: Layout, backbone_sha256: str, max_examples: int, recorder: RoundRecorder
+        self,
+        inner: Strategy,
+        *,
+        layout: Layout,
+        backbone_sha256: str,
+        max_examples: int,
+        recorder: RoundRecorder,
+        require_privacy: bool = False,
     ) -> None:
         self.inner = inner
+        self.require_privacy = require_privacy
         self.layout = layout
         self.backbone_sha256 = backbone_sha256
         self.max_examples = max_examples
@@ -59,8 +70,9 @@ class CheckedStrategy(Strategy):
         node_id = self.recorder.node_of(server_round, phase, msg)
         if isinstance(exc, SiteFailedError):
             reasons = [short_reason(r) for r in exc.problems]
-            self.recorder.problem(server_round, phase, node_id, "failed", reasons)
-            log.warning("round %d: %s failed (%s): %s", server_round, self.recorder.site_name(node_id), phase, "; ".join(reasons))
+            kind = "refused" if any(r.startswith(POLICY_REFUSAL) for r in reasons) else "failed"
+            self.recorder.problem(server_round, phase, node_id, kind, reasons)
+            log.warning("round %d: %s %s (%s): %s", server_round, self.recorder.site_name(node_id), kind, phase, "; ".join(reasons))
         else:
             self.recorder.problem(
                 server_round, phase, node_id, "rejected", exc.problems,
@@ -77,7 +89,8 @@ class CheckedStrategy(Strategy):
         for msg in replies:
             try:
                 reply = parse_train_reply(
-                    msg, layout=self.layout, backbone_sha256=self.backbone_sha256, max_examples=self.max_examples
+                    msg, layout=self.layout, backbone_sha256=self.backbone_sha256, max_examples=self.max_examples,
+                    require_privacy=self.require_privacy,
                 )
             except ReplyError as exc:
                 self._problem(server_round, "train", msg, exc)

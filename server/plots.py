@@ -24,6 +24,17 @@ def _series(history: list[RoundRecord], section: str, metric: str) -> tuple[list
     return xs, ys
 
 
+def _epsilon_series(history: list[RoundRecord]) -> dict[str, tuple[list[int], list[float]]]:
+    series: dict[str, tuple[list[int], list[float]]] = {}
+    for record in history:
+        for name, site in record.sites.items():
+            if site.train and site.train.accepted and site.train.privacy:
+                xs, ys = series.setdefault(name, ([], []))
+                xs.append(record.round)
+                ys.append(site.train.privacy["epsilon_run"])
+    return series
+
+
 def _save(fig, path: Path) -> None:
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -32,7 +43,7 @@ def _save(fig, path: Path) -> None:
 
 
 def write_plots(history: list[RoundRecord], out_dir: Path, *, title: str) -> list[Path]:
-    """Write ``accuracy.png``, ``loss.png`` and ``sites.png``; return their paths."""
+    """Write ``accuracy.png``, ``loss.png``, ``sites.png`` and, under record-level DP, ``epsilon.png``; return their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for metric in ("accuracy", "loss"):
@@ -47,6 +58,19 @@ def write_plots(history: list[RoundRecord], out_dir: Path, *, title: str) -> lis
         ax.grid(alpha=0.3)
         ax.legend()
         path = out_dir / f"{metric}.png"
+        _save(fig, path)
+        written.append(path)
+    spent = _epsilon_series(history)
+    if spent:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, (xs, ys) in sorted(spent.items()):
+            ax.plot(xs, ys, marker="o", label=name)
+        ax.set_xlabel("round")
+        ax.set_ylabel("epsilon spent in this run (record-level DP)")
+        ax.set_title(f"{title}: epsilon per site per round")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        path = out_dir / "epsilon.png"
         _save(fig, path)
         written.append(path)
     last = next((r for r in reversed(history) if r.sites), None)

@@ -134,6 +134,7 @@ class RoundRecorder:
             skipped_images=reply.site.skipped_images,
             update_sha256=reply.update_sha256,
             update_l2_norm=update_l2_norm,
+            privacy=reply.privacy.to_json() if reply.privacy else None,
         )
 
     def evaluate_accepted(self, server_round: int, reply: EvaluateReply, *, nbytes: int) -> None:

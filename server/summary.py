@@ -35,6 +35,28 @@ def _forwards(history: list[RoundRecord]) -> tuple[dict[str, dict[str, int]], di
     return by_site, train_images, hits
 
 
+def _privacy(cfg: RunConfig, history: list[RoundRecord]) -> dict[str, Any]:
+    """Per site, the last reported record-level DP figures; the run's maxima."""
+    by_site: dict[str, dict[str, Any]] = {}
+    for record in history:
+        for name, site in record.sites.items():
+            if site.train and site.train.accepted and site.train.privacy:
+                p = site.train.privacy
+                by_site[name] = {
+                    "epsilon_run": p["epsilon_run"], "epsilon_lifetime": p["epsilon_lifetime"], "delta": p["delta"],
+                    "noise_multiplier": p["event"]["noise_multiplier"], "sample_rate": p["event"]["sample_rate"],
+                    "accountant": p["event"]["accountant"], "last_round": record.round,
+                }
+    return {
+        "dp": cfg.dp,
+        "target_epsilon": cfg.target_epsilon if cfg.dp in ("sample", "both") else None,
+        "target_delta": cfg.target_delta if cfg.dp in ("sample", "both") else None,
+        "max_epsilon": max((s["epsilon_run"] for s in by_site.values()), default=None),
+        "max_lifetime_epsilon": max((s["epsilon_lifetime"] for s in by_site.values()), default=None),
+        "by_site": by_site,
+    }
+
+
 def build_summary(
     cfg: RunConfig,
     model: SplitModel,
@@ -81,7 +103,8 @@ def build_summary(
         "federated_eval": federated or None,
         "head_sha256": last.head_sha256_after if last else None,
         "dp": cfg.dp,
-        "max_epsilon": None,
+        "max_epsilon": (privacy := _privacy(cfg, history))["max_epsilon"],
+        "privacy": privacy,
         "bytes": {
             "head_parameter_bytes": head_bytes,
             "full_model_bytes": full_bytes,

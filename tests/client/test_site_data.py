@@ -87,3 +87,16 @@ def test_a_site_without_validation_examples_still_trains_and_reports(tmp_path, d
 
 def torch_unique(tensor):
     return tensor.unique()
+
+
+def test_the_privacy_ledger_key_is_the_same_data_however_it_is_split(tmp_path, digits):
+    images, labels = digits
+    path = tmp_path / "site.npz"
+    np.savez(path, train_images=images[:300], train_labels=labels[:300])
+    one = load_site_data(path, build_run_config(classes=",".join(str(d) for d in range(10)), val_fraction=0.1))
+    two = load_site_data(path, build_run_config(classes=",".join(str(d) for d in range(10)), val_fraction=0.3, seed=7))
+    assert len(one.val) != len(two.val) and one.train.fingerprint() != two.train.fingerprint()
+    assert one.records_fingerprint() == two.records_fingerprint()
+    np.savez(path, train_images=images[:300], train_labels=(labels[:300] + 1) % 10)  # the same images, other labels
+    relabelled = load_site_data(path, build_run_config(classes=",".join(str(d) for d in range(10))))
+    assert relabelled.records_fingerprint() != one.records_fingerprint()

@@ -1,0 +1,117 @@
+"""One round of record-level DP at a site: plan, check the site's policy, train, record, report.
+
+The order is the guarantee's: the noise multiplier is calibrated once for the
+whole run (every round and local epoch, so that this run ends at
+``target-epsilon``), the site's own policy is checked against what the round
+would spend over this data's lifetime *before* any training, the DP event
+actually run is written to the site's privacy ledger, and the report sent to
+the server is computed from that ledger. A fresh ClientApp process each round,
+a restarted SuperNode and a new run on the same data all continue the same sum.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from client.dp_training import DPTrainReport, secret_generator, train_privately
+from client.feature_source import FeatureSource
+from client.privacy_ledger import PrivacyLedger
+from client.privacy_policy import SitePolicy, check_round, load_policy
+from common.config import RunConfig
+from common.privacy import DPEvent, calibrate_noise_multiplier, epsilon_spent
+from common.protocol import PrivacyReport
+from common.site_config import SiteConfig
+
+__all__ = ["RoundPlan", "plan_round", "check_policy", "train_round_privately", "records_dp"]
+
+log = logging.getLogger(__name__)
+
+
+def records_dp(cfg: RunConfig) -> bool:
+    """True when the run asks the sites for record-level DP-SGD."""
+    return cfg.dp in ("sample", "both")
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """The DP-SGD a round would run at this site."""
+
+    event: DPEvent
+    data_fingerprint: str
+    lifetime_epsilon_after: float
+
+
+def plan_round(cfg: RunConfig, *, num_examples: int, data_fingerprint: str, ledger: PrivacyLedger) -> RoundPlan:
+    """Poisson rate ``dp-sample-rate`` (else ``batch-size / N``), ``local-epochs / rate`` steps, noise calibrated over all rounds."""
+    sample_rate = cfg.dp_sample_rate or min(1.0, cfg.batch_size / num_examples)
+    steps = cfg.local_epochs * max(1, round(1 / sample_rate))
+    noise = calibrate_noise_multiplier(
+        target_epsilon=cfg.target_epsilon,
+        target_delta=cfg.target_delta,
+        sample_rate=sample_rate,
+        steps=steps * cfg.num_server_rounds,
+        accountant=cfg.accountant,
+    )
+    event = DPEvent(noise, sample_rate, steps, cfg.max_grad_norm, cfg.accountant)
+    prior = ledger.events(data_fingerprint)
+    after = epsilon_spent([*prior, event], delta=cfg.target_delta, accountant=cfg.accountant)
+    return RoundPlan(event, data_fingerprint, after)
+
+
+def check_policy(
+    site_cfg: SiteConfig, cfg: RunConfig, *, plan: RoundPlan | None, num_examples: int, backbone_sha256: str
+) -> SitePolicy | None:
+    """Refuse (PolicyRefusal) before any training if the round breaks the site's policy; None without a policy."""
+    if site_cfg.policy is None:
+        return None
+    policy = load_policy(site_cfg.policy)
+    check_round(
+        policy,
+        dp_enabled=plan is not None,
+        delta=cfg.target_delta,
+        noise_multiplier=plan.event.noise_multiplier if plan else 0.0,
+        num_examples=num_examples,
+        backbone_sha256=backbone_sha256,
+        lifetime_epsilon_after=plan.lifetime_epsilon_after if plan else float("inf"),
+    )
+    return policy
+
+
+def train_round_privately(
+    trainable: torch.nn.Module,
+    source: FeatureSource,
+    labels: torch.Tensor,
+    cfg: RunConfig,
+    *,
+    plan: RoundPlan,
+    ledger: PrivacyLedger,
+    run_id: str,
+    server_round: int,
+    proximal_mu: float,
+) -> tuple[DPTrainReport, PrivacyReport]:
+    """Run the planned DP-SGD, record its event in the ledger, report what this run and this data have spent."""
+    report, event = train_privately(
+        trainable, source, labels, cfg,
+        server_round=server_round,
+        noise_multiplier=plan.event.noise_multiplier,
+        sample_rate=plan.event.sample_rate,
+        steps=plan.event.steps,
+        proximal_mu=proximal_mu,
+        generator=secret_generator(),
+    )
+    ledger.record(plan.data_fingerprint, run_id=run_id, server_round=server_round, event=event)
+    delta, accountant = cfg.target_delta, cfg.accountant
+    privacy = PrivacyReport(
+        event=event,
+        delta=delta,
+        epsilon_run=ledger.run_epsilon(plan.data_fingerprint, run_id=run_id, delta=delta, accountant=accountant),
+        epsilon_lifetime=ledger.lifetime_epsilon(plan.data_fingerprint, delta=delta, accountant=accountant),
+    )
+    log.info(
+        "round %d: DP-SGD with noise %.3f, sample rate %.4f, %d steps; epsilon %.3f this run, %.3f over this data's lifetime",
+        server_round, event.noise_multiplier, event.sample_rate, event.steps, privacy.epsilon_run, privacy.epsilon_lifetime,
+    )
+    return report, privacy

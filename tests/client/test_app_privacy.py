@@ -1,0 +1,84 @@
+"""Record-level DP through the real ClientApp: calibrated noise, the site's ledger across runs, its policy first."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+from client.app import app
+from common.config import build_run_config
+from common.exchange import to_arrayrecord, trainable_layout
+from common.model import build_split_model
+from common.privacy import DPEvent, independent_epsilon
+from common.replies import parse_train_reply
+
+pytestmark = pytest.mark.usefixtures("flower_identity")
+
+RUN_CONFIG = {
+    "classes": ",".join(str(d) for d in range(10)), "image-size": 32, "local-epochs": 1, "lr": 0.01,
+    "dp": "sample", "target-epsilon": 2.0, "target-delta": 1e-5, "num-server-rounds": 2, "batch-size": 100,
+}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_split_model(build_run_config(RUN_CONFIG))
+
+
+def _context(tmp_path, data, *, run_id=1, policy=None):
+    node_config = {"data-dir": str(data), "site-name": "haukeland", "state-dir": str(tmp_path / "state")}
+    if policy:
+        node_config["policy"] = str(policy)
+    return Context(run_id=run_id, node_id=7, node_config=node_config, state=RecordDict(), run_config=RUN_CONFIG)
+
+
+def _train(model, server_round: int) -> Message:
+    config = ConfigRecord({"server-round": server_round, "backbone-sha256": model.weights_sha256})
+    return Message(RecordDict({"arrays": to_arrayrecord(model.trainable), "config": config}), dst_node_id=7, message_type="train")
+
+
+def _parse(model, reply):
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    return parse_train_reply(reply, layout=trainable_layout(model.trainable), backbone_sha256=model.weights_sha256,
+                             max_examples=10**6, require_privacy=True)
+
+
+def test_a_run_ends_at_its_target_and_a_second_run_adds_to_the_lifetime(tmp_path, digits_npz, model):
+    first = [_parse(model, app(_train(model, r), _context(tmp_path, digits_npz))) for r in (1, 2)]
+    p1, p2 = first[0].privacy, first[1].privacy
+    assert p1.event.sample_rate == pytest.approx(100 / 1000) and p1.event.steps == 10
+    assert p1.epsilon_run < p2.epsilon_run <= 2.0 and p2.epsilon_run == pytest.approx(2.0, rel=0.01)  # the run's target
+    assert p2.epsilon_lifetime == pytest.approx(p2.epsilon_run)
+    # the reported figure is what an independent accountant computes from the recorded events
+    assert p2.epsilon_run == pytest.approx(independent_epsilon([p1.event, p2.event], delta=1e-5), rel=1e-6)
+    second = _parse(model, app(_train(model, 1), _context(tmp_path, digits_npz, run_id=2))).privacy
+    assert second.epsilon_run == pytest.approx(p1.epsilon_run, rel=1e-6)  # a new run starts its own sum ...
+    assert second.epsilon_lifetime > p2.epsilon_lifetime  # ... and the site's lifetime sum goes on
+    ledger = json.loads((tmp_path / "state" / "privacy-ledger.json").read_text())
+    assert sum(len(entries) for entries in ledger["datasets"].values()) == 3
+
+
+def test_the_sites_policy_refuses_before_any_training(tmp_path, digits_npz, model):
+    policy = tmp_path / "policy.toml"
+    policy.write_text("require-dp = true\nmax-epsilon = 1.7\n")
+    context = _context(tmp_path, digits_npz, policy=policy)
+    _parse(model, app(_train(model, 1), context))  # round 1 spends about 1.6 of the 1.7
+    cache_files = sorted((tmp_path / "state" / "features").glob("*"))
+    refused = app(_train(model, 2), context)
+    assert refused.has_error() and refused.error.reason.startswith("PolicyRefusal:")
+    assert "max-epsilon" in refused.error.reason and "> 1.70 allowed" in refused.error.reason
+    ledger = json.loads((tmp_path / "state" / "privacy-ledger.json").read_text())
+    assert sum(len(entries) for entries in ledger["datasets"].values()) == 1  # nothing spent by the refused round
+    assert sorted((tmp_path / "state" / "features").glob("*")) == cache_files
+
+
+def test_a_site_that_requires_dp_refuses_a_run_without_it(tmp_path, digits_npz, model, monkeypatch):
+    policy = tmp_path / "policy.toml"
+    policy.write_text("require-dp = true\n")
+    context = _context(tmp_path, digits_npz, policy=policy)
+    context.run_config = {**RUN_CONFIG, "dp": "none"}
+    refused = app(_train(model, 1), context)
+    assert refused.has_error() and "require-dp" in refused.error.reason
+    assert not (tmp_path / "state" / "features").exists()
