@@ -36,6 +36,8 @@ _WEIGHTS = re.compile(r"(random-init:)?[0-9a-f]{64}")
 class PolicyRefusal(FedHeadError, PermissionError):
     """The site's policy refuses this round; ``rules`` lists the broken rules."""
 
+    public_message = True  # rules and numbers only: the server is told exactly why
+
     def __init__(self, reasons: list[str]) -> None:
         self.reasons = list(reasons)
         self.rules = [reason.split(":", 1)[0] for reason in self.reasons]

@@ -21,6 +21,7 @@ from client.feature_source import FeatureSource
 from client.privacy_ledger import PrivacyLedger
 from client.privacy_policy import SitePolicy, check_round, load_policy
 from common.config import RunConfig
+from common.errors import ConfigError
 from common.privacy import DPEvent, calibrate_noise_multiplier, epsilon_spent
 from common.protocol import PrivacyReport
 from common.site_config import SiteConfig
@@ -28,6 +29,9 @@ from common.site_config import SiteConfig
 __all__ = ["RoundPlan", "plan_round", "check_policy", "train_round_privately", "records_dp"]
 
 log = logging.getLogger(__name__)
+
+# The accountant a site's policy is judged with, whatever the run asks for.
+_SITE_ACCOUNTANT = "rdp"
 
 
 def records_dp(cfg: RunConfig) -> bool:
@@ -41,7 +45,8 @@ class RoundPlan:
 
     event: DPEvent
     data_fingerprint: str
-    lifetime_epsilon_after: float
+    prior_events: tuple[DPEvent, ...]
+    lifetime_epsilon_after: float  # at the run's delta, by the run's accountant (what is reported)
 
 
 def plan_round(cfg: RunConfig, *, num_examples: int, data_fingerprint: str, ledger: PrivacyLedger) -> RoundPlan:
@@ -56,9 +61,25 @@ def plan_round(cfg: RunConfig, *, num_examples: int, data_fingerprint: str, ledg
         accountant=cfg.accountant,
     )
     event = DPEvent(noise, sample_rate, steps, cfg.max_grad_norm, cfg.accountant)
-    prior = ledger.events(data_fingerprint)
+    prior = tuple(ledger.events(data_fingerprint))
     after = epsilon_spent([*prior, event], delta=cfg.target_delta, accountant=cfg.accountant)
-    return RoundPlan(event, data_fingerprint, after)
+    return RoundPlan(event, data_fingerprint, prior, after)
+
+
+def _policy_epsilon(policy: SitePolicy, plan: RoundPlan) -> float:
+    """The lifetime epsilon after this round as the *site* judges it: at the policy's own delta, by RDP.
+
+    The server chooses the run's delta and accountant; a budget judged with
+    them could be gamed (a delta near 1, or the GDP approximation, make epsilon
+    look small), so the policy's figure never uses them.
+    """
+    if policy.max_epsilon is None:
+        return plan.lifetime_epsilon_after
+    if policy.max_delta is None:
+        raise ConfigError(
+            f"policy {policy.source}: 'max-epsilon' needs 'max-delta', the delta this site judges its budget at"
+        )
+    return epsilon_spent([*plan.prior_events, plan.event], delta=policy.max_delta, accountant=_SITE_ACCOUNTANT)
 
 
 def check_policy(
@@ -75,7 +96,7 @@ def check_policy(
         noise_multiplier=plan.event.noise_multiplier if plan else 0.0,
         num_examples=num_examples,
         backbone_sha256=backbone_sha256,
-        lifetime_epsilon_after=plan.lifetime_epsilon_after if plan else float("inf"),
+        lifetime_epsilon_after=_policy_epsilon(policy, plan) if plan else float("inf"),
     )
     return policy
 

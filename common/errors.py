@@ -14,11 +14,16 @@ __all__ = [
     "public_reason",
 ]
 
-import re
 
 
 class FedHeadError(Exception):
-    """Base class of every error fedhead raises on purpose."""
+    """Base class of every error fedhead raises on purpose.
+
+    ``public_message``: True on classes whose messages hold no local path or
+    name, so a site may send them to the server as they are.
+    """
+
+    public_message = False
 
 
 class ConfigError(FedHeadError, ValueError):
@@ -40,6 +45,8 @@ class CacheError(FedHeadError, OSError):
 class ReplyError(FedHeadError, ValueError):
     """A message does not parse into the protocol's types; ``problems`` lists every reason."""
 
+    public_message = True
+
     def __init__(self, problems: list[str] | str) -> None:
         self.problems = [problems] if isinstance(problems, str) else list(problems)
         super().__init__("; ".join(self.problems))
@@ -52,15 +59,30 @@ class SiteFailedError(ReplyError):
 class FingerprintError(FedHeadError, ValueError):
     """Server and site disagree about the backbone they are using."""
 
+    public_message = True
 
-_PATHLIKE = re.compile(r"""(?:[A-Za-z]:)?(?:~|\.{1,2})?[/\\][^\s'"]*|[^\s'"/\\]+\.(?:png|jpe?g|bmp|tiff?|gif|webp|dcm|npz|npy|csv|toml|json|safetensors|pth?)\b""", re.IGNORECASE)
+
+# What a site tells the server about an error whose message may name local files.
+_PUBLIC_SUMMARY = {
+    "DataError": "the site's data failed a check",
+    "ConfigError": "the site's configuration (node config, policy or run config) failed a check",
+    "WeightsError": "the site's backbone weights are missing or not the expected file",
+    "CacheError": "the site's feature cache could not be used",
+}
 
 
 def public_reason(exc: BaseException, limit: int = 300) -> str:
-    """What a site may tell the server about ``exc``: its type and message, local paths and file names removed.
+    """What a site may tell the server about ``exc``, without its local paths, file or folder names.
 
-    The full message, paths included, stays in the site's own log.
+    Errors whose messages are built from protocol values only (``public_message``:
+    a policy refusal's rule and numbers, a backbone hash mismatch) are sent as
+    they are; any other error is sent as its type and a fixed description. The
+    full message stays in the site's own log.
     """
-    text = _PATHLIKE.sub("<path>", " ".join(str(exc).split()))
-    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    name = type(exc).__name__
+    if getattr(exc, "public_message", False):
+        text = f"{name}: {' '.join(str(exc).split())}"
+    else:
+        summary = next((s for cls, s in _PUBLIC_SUMMARY.items() if cls in {c.__name__ for c in type(exc).__mro__}), None)
+        text = f"{name}: {summary or 'the site could not complete the request'}; the site's log has the details"
     return text if len(text) <= limit else text[: limit - 3] + "..."

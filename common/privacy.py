@@ -46,6 +46,8 @@ class PrivacyError(FedHeadError, ValueError):
 class BudgetError(PrivacyError):
     """A privacy target cannot be reached (for example: already spent)."""
 
+    public_message = True  # numbers only
+
 
 @contextlib.contextmanager
 def contained_logging() -> Iterator[None]:

@@ -19,7 +19,8 @@ from flwr.serverapp.strategy import Strategy
 
 from common.errors import ReplyError, SiteFailedError
 from common.exchange import Layout
-from common.replies import claimed_site_name, parse_evaluate_reply, parse_train_reply, update_l2_norm
+from common.privacy import DPEvent, epsilon_spent
+from common.replies import TrainReply, claimed_site_name, parse_evaluate_reply, parse_train_reply, update_l2_norm
 from server.round_recorder import RoundRecorder, message_bytes, short_reason
 
 __all__ = ["CheckedStrategy", "POLICY_REFUSAL"]
@@ -45,6 +46,7 @@ class CheckedStrategy(Strategy):
     ) -> None:
         self.inner = inner
         self.require_privacy = require_privacy
+        self._dp_events: dict[int, list[DPEvent]] = {}  # node -> the DP events of its accepted updates in this run
         self.layout = layout
         self.backbone_sha256 = backbone_sha256
         self.max_examples = max_examples
@@ -95,6 +97,12 @@ class CheckedStrategy(Strategy):
             except ReplyError as exc:
                 self._problem(server_round, "train", msg, exc)
                 continue
+            if reply.privacy is not None:
+                understated = self._understated_epsilon(reply)
+                if understated:
+                    self._problem(server_round, "train", msg, ReplyError([understated]))
+                    continue
+                self._dp_events.setdefault(reply.node_id, []).append(reply.privacy.event)
             norm = update_l2_norm(reply.arrays, reference) if reference is not None else float("nan")
             self.recorder.train_accepted(server_round, reply, nbytes=message_bytes(msg), update_l2_norm=norm)
             accepted.append(msg)
@@ -107,6 +115,22 @@ class CheckedStrategy(Strategy):
         arrays = self._as_layout(arrays) if arrays is not None else None
         self.recorder.aggregated(server_round, arrays, names if arrays is not None else [])
         return arrays, metrics
+
+    def _understated_epsilon(self, reply: TrainReply) -> str | None:
+        """A problem if the site reports less epsilon for this run than its own accepted events add up to.
+
+        The server sees only the events of accepted updates, so the site's figure
+        may be higher (a rejected round still spent budget), never lower.
+        """
+        privacy = reply.privacy
+        events = [*self._dp_events.get(reply.node_id, []), privacy.event]
+        floor = epsilon_spent(events, delta=privacy.delta, accountant=privacy.event.accountant)
+        if privacy.epsilon_run < floor * (1 - 1e-6):
+            return (
+                f"the site reports epsilon {privacy.epsilon_run:.6g} for this run, but its {len(events)} DP events "
+                f"accepted so far compose to {floor:.6g}"
+            )
+        return None
 
     def _as_layout(self, arrays: ArrayRecord) -> ArrayRecord:
         """The aggregate in the layout's dtypes (FedAdam/FedYogi compute in float64)."""

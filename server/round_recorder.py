@@ -40,7 +40,7 @@ def message_bytes(msg: Message) -> int:
     for record in msg.content.values():
         try:
             total += int(record.count_bytes())
-        except ValueError:
+        except (ValueError, IndexError, TypeError):  # e.g. an empty string or an empty list as a value
             total += sum(len(str(key).encode()) for key in record)
     return total
 
@@ -164,14 +164,13 @@ class RoundRecorder:
         """Record a reply that failed or was rejected; it counts for nothing else.
 
         The node keeps the name it was first accepted under; a node never accepted
-        yet is labelled with the name its rejected reply claims (when no other node
-        has it), without binding the node to that name.
+        is ``node-<id>``: the name its rejected reply claims is only quoted in the
+        reasons, so a hostile reply cannot take another site's name.
         """
         record = self._round(server_round)
-        name = self._node_names.get(node_id)
-        if name is None:
-            taken = set(self._node_names.values()) | set(record.sites)
-            name = claimed_name if claimed_name and claimed_name not in taken else f"node-{node_id}"
+        name = self.site_name(node_id)
+        if claimed_name and name != claimed_name:
+            reasons = [*reasons, f"(the reply names itself '{claimed_name}')"]
         record.problems.append(NodeProblem(node_id=node_id, site=name, phase=phase, kind=kind, reasons=list(reasons)))
         if kind == "rejected":
             site = record.sites.setdefault(name, SiteRound(site=name, node_id=node_id))

@@ -25,6 +25,7 @@ from common.cli import ExitCode, check_run_name, exit_code_for_error, parse_run_
 from common.errors import DataError, FedHeadError
 from common.logs import LOG_LEVELS, configure_logging
 from server.cli import print_run, show
+from simulations.sweep import privacy_sweep
 
 __all__ = ["app", "main"]
 
@@ -46,6 +47,7 @@ app = typer.Typer(
 app.add_typer(site_app)
 app.add_typer(weights_app)
 app.command("show")(show)
+app.command("privacy-sweep")(privacy_sweep)
 
 
 def _versions() -> str:

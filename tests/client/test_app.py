@@ -58,13 +58,13 @@ def test_a_site_error_reaches_the_server_without_local_paths(tmp_path, digits):
     np.savez(secret, train_images=images[:50], train_labels=labels[:50] - 3)  # negative labels
     sha256 = build_split_model(build_run_config(RUN_CONFIG)).weights_sha256
     reply = app(_message("train", sha256), _context(tmp_path, secret))
-    assert reply.has_error() and "DataError" in reply.error.reason
-    assert "label" in reply.error.reason
+    assert reply.has_error()
+    assert reply.error.reason.startswith("DataError: the site's data failed a check")
     for private in ("patients-oslo", "ward7", str(tmp_path)):
         assert private not in reply.error.reason
 
 
 def test_a_bad_node_config_is_refused_naming_the_key(tmp_path, digits_npz):
     reply = app(_message("train", "0" * 64), _context(tmp_path, digits_npz, device="tpu", colour="red"))
-    assert reply.has_error()
-    assert "'device'" in reply.error.reason and "unknown node-config key 'colour'" in reply.error.reason
+    assert reply.has_error() and reply.error.reason.startswith("ConfigError: the site's configuration")
+    assert "colour" not in reply.error.reason  # the details stay in the site's log

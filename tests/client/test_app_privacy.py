@@ -62,7 +62,7 @@ def test_a_run_ends_at_its_target_and_a_second_run_adds_to_the_lifetime(tmp_path
 
 def test_the_sites_policy_refuses_before_any_training(tmp_path, digits_npz, model):
     policy = tmp_path / "policy.toml"
-    policy.write_text("require-dp = true\nmax-epsilon = 1.7\n")
+    policy.write_text("require-dp = true\nmax-epsilon = 1.7\nmax-delta = 1e-5\n")
     context = _context(tmp_path, digits_npz, policy=policy)
     _parse(model, app(_train(model, 1), context))  # round 1 spends about 1.6 of the 1.7
     cache_files = sorted((tmp_path / "state" / "features").glob("*"))
@@ -82,3 +82,20 @@ def test_a_site_that_requires_dp_refuses_a_run_without_it(tmp_path, digits_npz, 
     refused = app(_train(model, 1), context)
     assert refused.has_error() and "require-dp" in refused.error.reason
     assert not (tmp_path / "state" / "features").exists()
+
+
+def test_the_budget_is_judged_at_the_sites_delta_not_the_servers(tmp_path, digits_npz, model):
+    """At the server's delta 1e-2 the run would end at epsilon 2.0; at the site's 1e-5 one round is already 3.6."""
+    policy = tmp_path / "policy.toml"
+    policy.write_text("max-epsilon = 3.0\nmax-delta = 1e-5\n")
+    context = _context(tmp_path, digits_npz, policy=policy)
+    context.run_config = {**RUN_CONFIG, "target-delta": 1e-2}
+    refused = app(_train(model, 1), context)
+    assert refused.has_error() and "max-epsilon: this round would bring the lifetime epsilon to 3.63 > 3.00" in refused.error.reason
+
+
+def test_a_policy_with_a_budget_must_name_its_delta(tmp_path, digits_npz, model):
+    policy = tmp_path / "policy.toml"
+    policy.write_text("max-epsilon = 3.0\n")
+    reply = app(_train(model, 1), _context(tmp_path, digits_npz, policy=policy))
+    assert reply.has_error() and reply.error.reason.startswith("ConfigError")

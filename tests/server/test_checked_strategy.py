@@ -114,3 +114,29 @@ def test_sites_without_validation_examples_do_not_break_the_average(model):
     record = recorder.finish(1, central_eval=None)
     assert record.federated_eval["accuracy"] == pytest.approx((10 * 0.9 + 30 * 0.5) / 40)
     assert record.sites["s1"].evaluate.accepted and record.sites["s1"].evaluate.scores == {}
+
+
+def test_a_site_understating_its_epsilon_is_rejected(model):
+    from common.privacy import DPEvent, epsilon_spent
+    from common.protocol import PrivacyReport
+
+    recorder = RoundRecorder(strategy="test")
+    strategy = CheckedStrategy(
+        FedAvg(), layout=trainable_layout(model.trainable), backbone_sha256=model.weights_sha256,
+        max_examples=1000, recorder=recorder, require_privacy=True,
+    )
+    strategy.configure_train(1, to_arrayrecord(model.trainable), ConfigRecord(), ScriptedGrid([1, 2], lambda m: None))
+    event = DPEvent(1.2, 0.05, 40, 1.0, "rdp")
+    honest = epsilon_spent([event], delta=1e-5, accountant="rdp")
+    w = np.ones((10, 1280), np.float32)
+    replies = []
+    for node, claimed in ((1, honest), (2, honest / 2)):
+        arrays = ArrayRecord({"head.weight": Array(w), "head.bias": Array(np.zeros(10, np.float32))})
+        privacy = PrivacyReport(event, 1e-5, claimed, claimed)
+        content = build_train_content(arrays, _metrics(10), SiteInfo(f"site-{node}", model.weights_sha256), privacy)
+        replies.append(Message(content=content, reply_to=_request(node)))
+    strategy.aggregate_train(1, replies)
+    record = recorder.finish(1, central_eval=None)
+    assert record.aggregated_sites == ["site-1"]
+    assert record.sites["site-1"].train.privacy["epsilon_run"] == pytest.approx(honest)
+    assert any(p.node_id == 2 and "compose to" in p.reasons[0] for p in record.problems)

@@ -91,6 +91,8 @@ CASES = [
     ("empty site name", lambda m, s: _content(m, s, site=_site(s, **{"site-name": ""})), "'site-name' must be"),
     ("site name a number", lambda m, s: _content(m, s, site=_site(s, **{"site-name": 7})), "'site-name' must be"),
     ("extra site key", lambda m, s: _content(m, s, site=_site(s, role="admin")), "unexpected site keys ['role']"),
+    ("empty list in site record", lambda m, s: _content(m, s, site=_site(s, junk=[])), "unexpected site keys ['junk']"),
+    ("empty string in site record", lambda m, s: _content(m, s, site=_site(s, junk="")), "unexpected site keys ['junk']"),
     ("skipped negative", lambda m, s: _content(m, s, site=_site(s, **{"skipped-images": -1})), "'skipped-images' must be"),
     ("array NaN", lambda m, s: _content(m, s, arrays=_nan(m)), "1 non-finite values"),
     ("array inf", lambda m, s: _content(m, s, arrays=_scaled(m, np.inf)), "non-finite values"),
@@ -162,6 +164,7 @@ def test_a_run_with_rejected_replies_is_degraded_and_they_count_for_nothing(run,
     summary, _ = run
     assert summary["status"] == "degraded" and summary["rounds_completed"] == 2
     assert "round 1: train" in summary["problems"]["node-5"][0]
+    assert not any(name == "site" for name in summary["problems"])  # a rejected reply's claimed name is not taken
     good = summary["backbone_forwards"]["by_site"][f"site-{GOOD_NODE}"]
     assert good == {"train": 200, "eval": 20}  # two accepted train replies of 100 + 10 passes
     assert summary["backbone_forwards"]["by_site"]["site-5"] == {"train": 100, "eval": 10}  # round 2 only

@@ -125,5 +125,27 @@ def test_readme_lists_exactly_the_commands_of_fedhead_help(capsys):
     block = readme.split("## The `fedhead` command", 1)[1].split("```", 2)[1]
     documented = {line.split()[0] for line in block.splitlines()[2:] if line.strip()}
     assert main(["--help"]) == 0
-    helped = set(re.findall(r"│ (\w+)\s{2,}", capsys.readouterr().out))
-    assert documented == helped == {"show", "simulate", "bench", "site", "weights"}
+    helped = set(re.findall(r"│ (\w[\w-]*)\s{2,}", capsys.readouterr().out))
+    assert documented == helped == {"show", "simulate", "privacy-sweep", "bench", "site", "weights"}
+
+
+def test_site_check_shows_what_the_policy_allows_and_the_budget_left(tmp_path, digits, capsys):
+    from client.privacy_ledger import PrivacyLedger
+    from client.site_data import load_site_data
+    from common.config import build_run_config
+    from common.privacy import DPEvent, epsilon_spent
+
+    images, labels = digits
+    data = tmp_path / "site.npz"
+    np.savez(data, train_images=images[:200], train_labels=labels[:200] % 2)
+    policy = tmp_path / "policy.toml"
+    policy.write_text("require-dp = true\nmax-epsilon = 5.0\nmax-delta = 1e-5\n")
+    fingerprint = load_site_data(data, build_run_config(classes="even,odd")).records_fingerprint()
+    event = DPEvent(1.5, 0.1, 40, 1.0, "rdp")
+    PrivacyLedger.in_state_dir(tmp_path / "state").load().record(fingerprint, run_id="7", server_round=1, event=event)
+    spent = epsilon_spent([event], delta=1e-5, accountant="rdp")
+    code = main(["site", "check", str(data), "--classes", "even,odd", "--policy", str(policy), "--state-dir", str(tmp_path / "state")])
+    out = " ".join(capsys.readouterr().out.split())
+    assert code == 0
+    assert f"lifetime-epsilon │ {spent:.4g}" in out and f"epsilon-left │ {5.0 - spent:.4g}" in out
+    assert "trainings-recorded │ 1" in out and "require-dp │ True" in out
