@@ -22,7 +22,7 @@ from flwr.clientapp import ClientApp
 from client.feature_cache import FeatureCache
 from client.feature_source import build_feature_source
 from client.privacy_ledger import PrivacyLedger
-from client.privacy_round import check_policy, plan_round, records_dp, train_round_privately
+from client.privacy_round import check_policy, plan_round, train_round_privately
 from client.site_data import SiteData, load_site_data
 from client.training import evaluate_locally, train_locally
 from common.config import RunConfig, build_run_config
@@ -119,7 +119,7 @@ def _train(site: _Site) -> RecordDict:
     started = time.monotonic()
     cfg, data = site.cfg, site.data
     # The site's policy and budget are checked before any feature is computed or any step taken.
-    ledger = PrivacyLedger.in_state_dir(site.site_cfg.state_dir).load() if records_dp(cfg) else None
+    ledger = PrivacyLedger.in_state_dir(site.site_cfg.state_dir) if cfg.records_dp else None
     plan = (
         plan_round(cfg, num_examples=len(data.train), data_fingerprint=data.records_fingerprint(), ledger=ledger)
         if ledger is not None

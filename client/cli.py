@@ -18,7 +18,7 @@ def _show_policy(path: Path, state_dir: Path | None, delta: float | None, finger
     from client.privacy_policy import describe, load_policy
     from common.paths import fedhead_home
 
-    ledger = PrivacyLedger.in_state_dir(state_dir or fedhead_home() / "sites" / "site").load()
+    ledger = PrivacyLedger.in_state_dir(state_dir or fedhead_home() / "sites" / "site")
     facts = describe(load_policy(path), ledger=ledger, data_fingerprint=fingerprint, accountant="rdp", delta=delta)
     table = Table("rule or figure", "value", title=f"Privacy policy {path}", title_justify="left")
     for key, value in facts.items():

@@ -26,17 +26,12 @@ from common.privacy import DPEvent, calibrate_noise_multiplier, epsilon_spent
 from common.protocol import PrivacyReport
 from common.site_config import SiteConfig
 
-__all__ = ["RoundPlan", "plan_round", "check_policy", "train_round_privately", "records_dp"]
+__all__ = ["RoundPlan", "plan_round", "check_policy", "train_round_privately"]
 
 log = logging.getLogger(__name__)
 
 # The accountant a site's policy is judged with, whatever the run asks for.
 _SITE_ACCOUNTANT = "rdp"
-
-
-def records_dp(cfg: RunConfig) -> bool:
-    """True when the run asks the sites for record-level DP-SGD."""
-    return cfg.dp in ("sample", "both")
 
 
 @dataclass(frozen=True)
@@ -84,10 +79,10 @@ def _policy_epsilon(policy: SitePolicy, plan: RoundPlan) -> float:
 
 def check_policy(
     site_cfg: SiteConfig, cfg: RunConfig, *, plan: RoundPlan | None, num_examples: int, backbone_sha256: str
-) -> SitePolicy | None:
-    """Refuse (PolicyRefusal) before any training if the round breaks the site's policy; None without a policy."""
+) -> None:
+    """Refuse (PolicyRefusal) before any training if the round breaks the site's policy (if it has one)."""
     if site_cfg.policy is None:
-        return None
+        return
     policy = load_policy(site_cfg.policy)
     check_round(
         policy,
@@ -98,7 +93,6 @@ def check_policy(
         backbone_sha256=backbone_sha256,
         lifetime_epsilon_after=_policy_epsilon(policy, plan) if plan else float("inf"),
     )
-    return policy
 
 
 def train_round_privately(

@@ -102,6 +102,11 @@ class RunConfig:
         return tuple(name.strip() for name in self.classes.split(",") if name.strip())
 
     @property
+    def records_dp(self) -> bool:
+        """True when the sites train with record-level DP-SGD (``dp`` is ``sample`` or ``both``)."""
+        return self.dp in ("sample", "both")
+
+    @property
     def num_classes(self) -> int:
         """How many classes the head predicts."""
         return len(self.class_names)

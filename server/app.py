@@ -113,7 +113,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
         backbone_sha256=model.weights_sha256,
         max_examples=cfg.max_examples_per_site,
         recorder=recorder,
-        require_privacy=cfg.dp in ("sample", "both"),
+        require_privacy=cfg.records_dp,
     )
     status, error = "failed", None
     try:

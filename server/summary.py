@@ -49,8 +49,8 @@ def _privacy(cfg: RunConfig, history: list[RoundRecord]) -> dict[str, Any]:
                 }
     return {
         "dp": cfg.dp,
-        "target_epsilon": cfg.target_epsilon if cfg.dp in ("sample", "both") else None,
-        "target_delta": cfg.target_delta if cfg.dp in ("sample", "both") else None,
+        "target_epsilon": cfg.target_epsilon if cfg.records_dp else None,
+        "target_delta": cfg.target_delta if cfg.records_dp else None,
         "max_epsilon": max((s["epsilon_run"] for s in by_site.values()), default=None),
         "max_lifetime_epsilon": max((s["epsilon_lifetime"] for s in by_site.values()), default=None),
         "by_site": by_site,

@@ -142,7 +142,7 @@ def test_site_check_shows_what_the_policy_allows_and_the_budget_left(tmp_path, d
     policy.write_text("require-dp = true\nmax-epsilon = 5.0\nmax-delta = 1e-5\n")
     fingerprint = load_site_data(data, build_run_config(classes="even,odd")).records_fingerprint()
     event = DPEvent(1.5, 0.1, 40, 1.0, "rdp")
-    PrivacyLedger.in_state_dir(tmp_path / "state").load().record(fingerprint, run_id="7", server_round=1, event=event)
+    PrivacyLedger.in_state_dir(tmp_path / "state").record(fingerprint, run_id="7", server_round=1, event=event)
     spent = epsilon_spent([event], delta=1e-5, accountant="rdp")
     code = main(["site", "check", str(data), "--classes", "even,odd", "--policy", str(policy), "--state-dir", str(tmp_path / "state")])
     out = " ".join(capsys.readouterr().out.split())
