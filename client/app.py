@@ -19,9 +19,11 @@ from pathlib import Path
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.clipping_mod import clip_when_asked
 from client.feature_cache import FeatureCache
 from client.feature_source import build_feature_source
 from client.privacy_ledger import PrivacyLedger
+from client.receipts import sign_train_reply
 from client.privacy_round import check_policy, plan_round, train_round_privately
 from client.site_data import SiteData, load_site_data
 from client.training import evaluate_locally, train_locally
@@ -49,7 +51,8 @@ log = logging.getLogger(__name__)
 # Flower's ErrorCode.CLIENT_APP_RAISED_EXCEPTION: the site's handler raised.
 _HANDLER_FAILED = 2
 
-app = ClientApp()
+# Outermost first: the receipt signs exactly what leaves the site, after Flower's clipping (when asked for).
+app = ClientApp(mods=[sign_train_reply, clip_when_asked])
 
 
 @dataclass

@@ -17,7 +17,8 @@ from typing import Any
 
 from common.errors import ConfigError
 
-__all__ = ["is_plain_name", "RunConfig", "STRATEGIES", "HEADS", "PARTITIONERS", "OPTIMIZERS", "DATASETS", "DP_MODES", "ACCOUNTANTS", "build_run_config"]
+__all__ = ["is_plain_name", "RunConfig", "STRATEGIES", "HEADS", "PARTITIONERS", "OPTIMIZERS", "DATASETS", "DP_MODES", "ACCOUNTANTS", "CENTRAL_CLIPPING",
+           "build_run_config"]
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
 HEADS = ("linear", "mlp")
@@ -26,6 +27,8 @@ OPTIMIZERS = ("adam", "sgd")
 DATASETS = ("fashion-mnist", "digits", "npz", "image-folder")
 DP_MODES = ("none", "sample", "central", "both")
 ACCOUNTANTS = ("rdp", "prv", "gdp")
+CENTRAL_CLIPPING = ("server", "client")
+CENTRAL_DP_STRATEGIES = ("fedavg", "fedprox")  # Flower's accountant needs FedAvg's aggregation
 
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 
@@ -49,6 +52,7 @@ class RunConfig:
     strategy: str = "fedavg"
     fraction_train: float = 1.0
     min_sites: int = 2
+    sites_per_round: int = 0  # exactly this many sites each round; 0: every connected site (fraction-train of them)
     round_timeout: float = 900.0
     proximal_mu: float = 0.01
     server_lr: float = 0.1
@@ -91,6 +95,9 @@ class RunConfig:
     target_epsilon: float = 8.0
     target_delta: float = 1e-5
     max_grad_norm: float = 1.0
+    central_clipping: str = "server"  # who clips each site's update to central-clip-norm: the server or the site
+    central_clip_norm: float = 1.0
+    central_noise_multiplier: float = 0.0  # 0: calibrated so that the run ends at target-epsilon
     # bookkeeping
     seed: int = 42
     run_dir: str = "runs"
@@ -105,6 +112,11 @@ class RunConfig:
     def records_dp(self) -> bool:
         """True when the sites train with record-level DP-SGD (``dp`` is ``sample`` or ``both``)."""
         return self.dp in ("sample", "both")
+
+    @property
+    def central_dp(self) -> bool:
+        """True when the server adds client-level DP noise to each aggregate (``dp`` is ``central`` or ``both``)."""
+        return self.dp in ("central", "both")
 
     @property
     def num_classes(self) -> int:
@@ -188,6 +200,7 @@ def _problems(cfg: RunConfig) -> list[str]:
     need(cfg.strategy in STRATEGIES, f"'strategy' = {cfg.strategy!r}: choose one of {', '.join(STRATEGIES)}")
     need(0.0 < cfg.fraction_train <= 1.0, f"'fraction-train' = {cfg.fraction_train}: must be in (0, 1]")
     need(cfg.min_sites >= 1, f"'min-sites' = {cfg.min_sites}: must be >= 1")
+    need(cfg.sites_per_round >= 0, f"'sites-per-round' = {cfg.sites_per_round}: must be >= 0 (0: every connected site)")
     need(cfg.round_timeout > 0, f"'round-timeout' = {cfg.round_timeout}: must be > 0 seconds")
     need(cfg.proximal_mu >= 0, f"'proximal-mu' = {cfg.proximal_mu}: must be >= 0")
     need(cfg.server_lr > 0, f"'server-lr' = {cfg.server_lr}: must be > 0")
@@ -223,9 +236,25 @@ def _problems(cfg: RunConfig) -> list[str]:
     need(cfg.max_grad_norm > 0, f"'max-grad-norm' = {cfg.max_grad_norm}: must be > 0")
     need(cfg.dp in DP_MODES, f"'dp' = {cfg.dp!r}: choose one of {', '.join(DP_MODES)}")
     need(
-        cfg.dp in ("none", "sample"),
-        f"'dp' = {cfg.dp!r}: client-level DP at the server is not wired in yet; use dp='sample' or dp='none'",
+        cfg.central_clipping in CENTRAL_CLIPPING,
+        f"'central-clipping' = {cfg.central_clipping!r}: choose one of {', '.join(CENTRAL_CLIPPING)}",
     )
+    need(cfg.central_clip_norm > 0, f"'central-clip-norm' = {cfg.central_clip_norm}: must be > 0")
+    need(
+        cfg.central_noise_multiplier >= 0,
+        f"'central-noise-multiplier' = {cfg.central_noise_multiplier}: must be >= 0 (0: calibrated to target-epsilon)",
+    )
+    if cfg.central_dp:
+        need(
+            cfg.strategy in CENTRAL_DP_STRATEGIES,
+            f"'strategy' = {cfg.strategy!r} with dp={cfg.dp!r}: Flower's DP accountant needs FedAvg's aggregation; "
+            f"choose one of {', '.join(CENTRAL_DP_STRATEGIES)}",
+        )
+        need(
+            cfg.sites_per_round >= 1,
+            f"'sites-per-round' = {cfg.sites_per_round} with dp={cfg.dp!r}: the noise is calibrated for a fixed number "
+            "of sites each round; set it (fedhead simulate sets it to --sites)",
+        )
     need(0.0 <= cfg.dp_sample_rate <= 1.0, f"'dp-sample-rate' = {cfg.dp_sample_rate}: must be in [0, 1] (0: batch-size / examples)")
     need(cfg.accountant in ACCOUNTANTS, f"'accountant' = {cfg.accountant!r}: choose one of {', '.join(ACCOUNTANTS)}")
     need(bool(cfg.run_dir), "'run-dir' is empty: give a folder for run outputs")

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["canonical_json", "sha256_json", "sha256_tensor", "sha256_arrays", "sha256_file"]
+__all__ = ["canonical_json", "sha256_json", "sha256_tensor", "sha256_arrays", "sha256_safetensors", "sha256_file"]
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -55,6 +55,15 @@ def sha256_arrays(arrays: Mapping[str, torch.Tensor | np.ndarray]) -> str:
         digest.update(array.dtype.str.encode())
         digest.update(array.tobytes())
     return digest.hexdigest()
+
+
+def sha256_safetensors(path: str | os.PathLike) -> str | None:
+    """:func:`sha256_arrays` of the tensors in a ``.safetensors`` file (a saved head); None if there is none."""
+    if not Path(path).is_file():
+        return None
+    from safetensors.numpy import load_file
+
+    return sha256_arrays(load_file(str(path)))
 
 
 def sha256_file(path: str | os.PathLike) -> str:

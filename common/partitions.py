@@ -113,7 +113,7 @@ def _prepare(cfg: RunConfig, num_sites: int, out: Path, cache_root: Path) -> Fed
     if manifest_path.exists():
         manifest = json.loads(manifest_path.read_text())
         if all((out / f"site-{i}.npz").exists() for i in range(num_sites)) and (out / "test.npz").exists():
-            log.info("reusing the site partitions in %s", out)
+            log.debug("reusing the site partitions in %s", out)
             return Federation(out, out / "test.npz", tuple(manifest["classes"]), manifest["sites"])
     bench = load_benchmark(cfg, cache_root / "data")
     if len(bench.classes) > 0 and int(bench.train_labels.max()) >= len(bench.classes):

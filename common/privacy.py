@@ -27,7 +27,8 @@ from common.errors import FedHeadError
 
 __all__ = [
     "ACCOUNTANTS", "RDP_ORDERS", "PRV_EPS_ERROR", "PrivacyError", "BudgetError", "DPEvent", "accountant_history",
-    "epsilon_spent", "calibrate_noise_multiplier", "independent_epsilon", "contained_logging",
+    "epsilon_spent", "calibrate_noise_multiplier", "independent_epsilon", "independent_central_epsilon",
+    "contained_logging",
 ]
 
 log = logging.getLogger(__name__)
@@ -248,3 +249,15 @@ def independent_epsilon(events: Sequence[DPEvent], *, delta: float, accountant: 
     for sigma, rate, steps in history:
         counter.compose(dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(sigma)), steps)
     return float(counter.get_epsilon(delta))
+
+
+def independent_central_epsilon(noise_multiplier: float, releases: int, delta: float) -> float:
+    """Client-level epsilon of ``releases`` Gaussian releases (no sampling amplification), by Opacus's RDP.
+
+    Flower's ``RdpAccountant`` (Google's ``dp-accounting``) produces the
+    figure fedhead reports for client-level DP; this recomputes it with the
+    other package, on the same integer orders.
+    """
+    if releases == 0:
+        return 0.0
+    return epsilon_spent([DPEvent(noise_multiplier, 1.0, releases, 1.0, "rdp")], delta=delta, accountant="rdp")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from common.errors import ReplyError
+from common.hashing import canonical_json
 from common.privacy import DPEvent, PrivacyError
 
 __all__ = [
@@ -25,7 +26,10 @@ __all__ = [
     "METRICS_RECORD",
     "SITE_RECORD",
     "PRIVACY_RECORD",
+    "RECEIPT_RECORD",
     "PrivacyReport",
+    "Receipt",
+    "receipt_payload",
     "SERVER_ROUND",
     "BACKBONE_SHA256",
     "PROXIMAL_MU",
@@ -49,6 +53,7 @@ CONFIG_RECORD = "config"
 METRICS_RECORD = "metrics"
 SITE_RECORD = "site"
 PRIVACY_RECORD = "privacy"
+RECEIPT_RECORD = "receipt"
 
 # ConfigRecord keys the server sends. Flower's strategies set SERVER_ROUND
 # themselves and FedProx sets PROXIMAL_MU.
@@ -59,6 +64,10 @@ PROXIMAL_MU = "proximal-mu"
 # Site record keys.
 SITE_NAME = "site-name"
 SKIPPED_IMAGES = "skipped-images"
+
+# Receipt record keys: the site's Ed25519 public key and its signature of receipt_payload(...).
+PUBLIC_KEY = "public-key"
+SIGNATURE = "signature"
 
 _FOREVER = 1e9  # an upper bound for counts of seconds and passes that never binds
 
@@ -203,6 +212,53 @@ class PrivacyReport:
         """As stored in a round record."""
         return {"event": self.event.to_json(), "delta": self.delta, "epsilon_run": self.epsilon_run,
                 "epsilon_lifetime": self.epsilon_lifetime}
+
+
+def receipt_payload(
+    *, run_id: str, server_round: int, site: str, update_sha256: str, num_examples: int, privacy: dict | None
+) -> bytes:
+    """The bytes a site signs for each train reply, and the server's log lets anyone recompute.
+
+    What the site vouches for: that in this run and round it sent this update
+    (its parameter-set sha256), for this many examples, with this DP event and
+    these epsilons (``PrivacyReport.to_json()``, or None without record-level DP).
+    """
+    return canonical_json({
+        "kind": "fedhead-train-receipt", "run_id": str(run_id), "round": int(server_round), "site": site,
+        "update_sha256": update_sha256, "num_examples": int(num_examples), "privacy": privacy,
+    })
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """A site's signature of its train reply (the RECEIPT_RECORD)."""
+
+    public_key: str
+    signature: str
+
+    def to_record(self) -> ConfigRecord:
+        """The RECEIPT_RECORD a train reply carries."""
+        return ConfigRecord({PUBLIC_KEY: self.public_key, SIGNATURE: self.signature})
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord, problems: list[str]) -> "Receipt | None":
+        """Parse a RECEIPT_RECORD (its form only: the signature is checked against the reply it came with)."""
+        key, signature = record.get(PUBLIC_KEY), record.get(SIGNATURE)
+        extra = sorted(set(record) - {PUBLIC_KEY, SIGNATURE})
+        if extra or not _is_hex(key, 64) or not _is_hex(signature, 128):
+            problems.append(
+                f"the receipt record must hold '{PUBLIC_KEY}' (64 hex digits) and '{SIGNATURE}' (128 hex digits) only"
+            )
+            return None
+        return cls(str(key), str(signature))
+
+    def to_json(self) -> dict:
+        """As stored in a round record."""
+        return {"public_key": self.public_key, "signature": self.signature}
+
+
+def _is_hex(value: object, length: int) -> bool:
+    return isinstance(value, str) and len(value) == length and all(c in "0123456789abcdef" for c in value)
 
 
 @dataclass(frozen=True)

@@ -24,16 +24,20 @@ from common.protocol import (
     BACKBONE_SHA256,
     METRICS_RECORD,
     PRIVACY_RECORD,
+    RECEIPT_RECORD,
     SITE_NAME,
     SITE_RECORD,
     SKIPPED_IMAGES,
     EvaluateMetrics,
     PrivacyReport,
+    Receipt,
     SiteInfo,
     TrainMetrics,
     metric_keys,
+    receipt_payload,
     short_repr,
 )
+from common.signing import verify_hex
 
 __all__ = ["TrainReply", "EvaluateReply", "parse_train_reply", "parse_evaluate_reply", "update_l2_norm", "claimed_site_name"]
 
@@ -78,6 +82,7 @@ class TrainReply:
     arrays: ArrayRecord
     update_sha256: str
     privacy: PrivacyReport | None = None
+    receipt: Receipt | None = None  # the site's signature of this reply (checked when parsed)
 
 
 @dataclass(frozen=True)
@@ -110,9 +115,14 @@ def _parse_site(content: RecordDict, expected_sha256: str, problems: list[str]) 
     return SiteInfo(str(name), str(sha), int(skipped)) if len(problems) == before else None
 
 
-def _check_records(content: RecordDict, expected: dict[str, type], problems: list[str]) -> None:
+def _check_records(
+    content: RecordDict, expected: dict[str, type], problems: list[str], optional: dict[str, type] | None = None
+) -> None:
     for name, record in content.items():
-        if name not in expected:
+        if optional and name in optional:
+            if not isinstance(record, optional[name]):
+                problems.append(f"record '{name}' is a {type(record).__name__}, expected a {optional[name].__name__}")
+        elif name not in expected:
             problems.append(f"unexpected record '{name}' ({type(record).__name__})")
         elif not isinstance(record, expected[name]):
             problems.append(f"record '{name}' is a {type(record).__name__}, expected a {expected[name].__name__}")
@@ -127,12 +137,16 @@ def _failed(msg: Message) -> None:
 
 
 def parse_train_reply(
-    msg: Message, *, layout: Layout, backbone_sha256: str, max_examples: int, require_privacy: bool = False
+    msg: Message, *, layout: Layout, backbone_sha256: str, max_examples: int, require_privacy: bool = False,
+    run_id: str = "", server_round: int = 0,
 ) -> TrainReply:
     """Parse a train reply or raise ReplyError listing every problem (SiteFailedError for an error reply).
 
     With ``require_privacy`` (record-level DP asked of the sites) a reply without
     a valid privacy record is rejected; without it, a reply carrying one is too.
+    A receipt, when the site sends one, must be its valid signature of this
+    reply in run ``run_id``, round ``server_round``; an unsigned reply is
+    accepted and recorded as such (the audit verifier flags it).
     """
     _failed(msg)
     problems: list[str] = []
@@ -140,7 +154,7 @@ def parse_train_reply(
     expected = {ARRAYS_RECORD: ArrayRecord, METRICS_RECORD: MetricRecord, SITE_RECORD: ConfigRecord}
     if require_privacy:
         expected[PRIVACY_RECORD] = ConfigRecord
-    _check_records(content, expected, problems)
+    _check_records(content, expected, problems, optional={RECEIPT_RECORD: ConfigRecord})
     privacy = None
     if require_privacy and PRIVACY_RECORD in content.config_records:
         privacy = PrivacyReport.from_record(content.config_records[PRIVACY_RECORD], problems)
@@ -154,7 +168,18 @@ def parse_train_reply(
     if problems or site is None or metrics is None or arrays is None or (require_privacy and privacy is None):
         raise ReplyError(problems or ["the reply could not be parsed"])
     digest = sha256_arrays({name: arrays[name].numpy() for name in arrays})
-    return TrainReply(msg.metadata.src_node_id, site, metrics, arrays, digest, privacy)
+    receipt = None
+    if RECEIPT_RECORD in content.config_records:
+        receipt = Receipt.from_record(content.config_records[RECEIPT_RECORD], problems)
+        payload = receipt_payload(
+            run_id=run_id, server_round=server_round, site=site.name, update_sha256=digest,
+            num_examples=metrics.num_examples, privacy=privacy.to_json() if privacy else None,
+        )
+        if receipt is not None and not verify_hex(receipt.public_key, payload, receipt.signature):
+            problems.append(f"the site's signature does not match this reply (run {run_id}, round {server_round})")
+        if problems:
+            raise ReplyError(problems)
+    return TrainReply(msg.metadata.src_node_id, site, metrics, arrays, digest, privacy, receipt)
 
 
 def parse_evaluate_reply(msg: Message, *, backbone_sha256: str, max_examples: int) -> EvaluateReply:

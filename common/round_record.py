@@ -55,6 +55,8 @@ class SiteTrain:
     # record-level DP: {"event": {noise_multiplier, sample_rate, steps, max_grad_norm, accountant},
     # "delta", "epsilon_run", "epsilon_lifetime"} (common.protocol.PrivacyReport.to_json)
     privacy: dict[str, Any] | None = None
+    # the site's signature of this reply: {"public_key", "signature"} over common.protocol.receipt_payload
+    receipt: dict[str, str] | None = None
 
 
 @dataclass
@@ -118,6 +120,9 @@ class RoundRecord:
     central_eval: dict[str, float] = field(default_factory=dict)
     bytes_down: int = 0
     bytes_up: int = 0
+    # client-level DP at the server: settings, whether this round released a noised aggregate, and the run's
+    # epsilon after it (server.central_dp.CentralDP.round_report)
+    central_privacy: dict[str, Any] | None = None
 
     @property
     def complete(self) -> bool:

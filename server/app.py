@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 
 import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
@@ -13,11 +14,14 @@ from common.benchmarks import load_benchmark
 from common.config import RunConfig, build_run_config
 from common.errors import DataError
 from common.exchange import load_arrayrecord, to_arrayrecord, trainable_layout
+from common.hashing import sha256_safetensors
 from common.logs import configure_logging
 from common.model import SplitModel, build_split_model
 from common.paths import fedhead_home
 from common.protocol import build_instruction_config
 from common.round_record import RoundRecord
+from server.audit_trail import AuditTrail
+from server.central_dp import build_central_dp
 from server.central_eval import CentralEvaluator, load_eval_arrays
 from server.checked_strategy import CheckedStrategy
 from server.export import export_model
@@ -39,7 +43,7 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Flower entry point: read the run config once, then run the federation."""
     configure_logging()
-    run_federation(grid, build_run_config(context.run_config))
+    run_federation(grid, build_run_config(context.run_config), run_id=str(context.run_id))
 
 
 def _held_out(cfg: RunConfig, model: SplitModel) -> CentralEvaluator | None:
@@ -77,9 +81,10 @@ def run_status(records: list[RoundRecord], num_rounds: int) -> tuple[str, str | 
     return "finished", None
 
 
-def run_federation(grid: Grid, cfg: RunConfig) -> dict:
+def run_federation(grid: Grid, cfg: RunConfig, *, run_id: str = "") -> dict:
     """Run ``cfg.num_server_rounds`` rounds on ``grid`` and write the run folder; return the summary.
 
+    ``run_id`` is Flower's (what the sites sign); a fresh one when empty.
     Raises when the run failed (no usable model); a ``degraded`` run returns normally.
     """
     started = time.monotonic()
@@ -99,28 +104,39 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
         },
     )
     log.info("run folder: %s", folder.root)
-    recorder = RoundRecorder(strategy=cfg.strategy, sinks=[MetricsFile(folder.metrics), log_round_row])
-    central: CentralEvaluator | None = None
+    run_id = run_id or uuid.uuid4().hex
+    trail = AuditTrail(folder.root, cfg, run_id=run_id)
+    initial = to_arrayrecord(model.trainable)
+    inner = build_strategy(cfg)
+    central = build_central_dp(inner, cfg) if cfg.central_dp else None
+    trail.start(
+        versions=package_versions(), weights_sha256=model.weights_sha256, head_sha256=arrays_sha256(initial),
+        central=central.settings() if central else None,
+    )
+    recorder = RoundRecorder(strategy=cfg.strategy, sinks=[MetricsFile(folder.metrics), trail, log_round_row])
+    held_out: CentralEvaluator | None = None
 
     def end_of_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        scores = central(arrays) if central else None
+        scores = held_out(arrays) if held_out else None
         recorder.finish(server_round, central_eval=scores, head_sha256=arrays_sha256(arrays))
         return MetricRecord({f"test-{k}": v for k, v in scores.items()}) if scores else None
 
     strategy = CheckedStrategy(
-        build_strategy(cfg),
+        inner,
         layout=layout,
         backbone_sha256=model.weights_sha256,
         max_examples=cfg.max_examples_per_site,
         recorder=recorder,
         require_privacy=cfg.records_dp,
+        central=central,
+        run_id=run_id,
     )
     status, error = "failed", None
     try:
-        central = _held_out(cfg, model)
+        held_out = _held_out(cfg, model)
         result = strategy.start(
             grid=grid,
-            initial_arrays=to_arrayrecord(model.trainable),
+            initial_arrays=initial,
             num_rounds=cfg.num_server_rounds,
             timeout=cfg.round_timeout,
             train_config=build_instruction_config(model.weights_sha256),
@@ -144,12 +160,13 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
             recorder.records,
             run_name=folder.root.name,
             wall_seconds=time.monotonic() - started,
-            server_eval_forwards=central.forwards if central else 0,
+            server_eval_forwards=held_out.forwards if held_out else 0,
             status=status,
             error=error,
         )
         folder.write_json("summary.json", summary)
         log.info("summary written to %s (status %s)", folder.root / "summary.json", status)
+        trail.end(summary, saved_head_sha256=sha256_safetensors(folder.model_dir / "head.safetensors"))
     if status == "failed":
         raise RuntimeError(error)
     if status == "degraded":

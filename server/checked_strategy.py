@@ -21,6 +21,7 @@ from common.errors import ReplyError, SiteFailedError
 from common.exchange import Layout
 from common.privacy import DPEvent, epsilon_spent
 from common.replies import TrainReply, claimed_site_name, parse_evaluate_reply, parse_train_reply, update_l2_norm
+from server.central_dp import CentralDP
 from server.round_recorder import RoundRecorder, message_bytes, short_reason
 
 __all__ = ["CheckedStrategy", "POLICY_REFUSAL"]
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 
 
 class CheckedStrategy(Strategy):
-    """Parse and record replies, then delegate to ``inner``."""
+    """Parse and record replies, then delegate to ``inner`` (or to ``central``'s DP wrapper around it)."""
 
     def __init__(
         self,
@@ -43,8 +44,12 @@ class CheckedStrategy(Strategy):
         max_examples: int,
         recorder: RoundRecorder,
         require_privacy: bool = False,
+        central: CentralDP | None = None,
+        run_id: str = "",
     ) -> None:
-        self.inner = inner
+        self.run_id = run_id  # what the sites sign their replies for
+        self.inner = central.strategy if central is not None else inner
+        self.central = central
         self.require_privacy = require_privacy
         self._dp_events: dict[int, list[DPEvent]] = {}  # node -> the DP events of its accepted updates in this run
         self.layout = layout
@@ -92,7 +97,7 @@ class CheckedStrategy(Strategy):
             try:
                 reply = parse_train_reply(
                     msg, layout=self.layout, backbone_sha256=self.backbone_sha256, max_examples=self.max_examples,
-                    require_privacy=self.require_privacy,
+                    require_privacy=self.require_privacy, run_id=self.run_id, server_round=server_round,
                 )
             except ReplyError as exc:
                 self._problem(server_round, "train", msg, exc)
@@ -104,17 +109,45 @@ class CheckedStrategy(Strategy):
                     continue
                 self._dp_events.setdefault(reply.node_id, []).append(reply.privacy.event)
             norm = update_l2_norm(reply.arrays, reference) if reference is not None else float("nan")
+            unclipped = self._unclipped(norm)
+            if unclipped:
+                self._problem(server_round, "train", msg, ReplyError([unclipped]))
+                continue
             self.recorder.train_accepted(server_round, reply, nbytes=message_bytes(msg), update_l2_norm=norm)
             accepted.append(msg)
             names.append(self.recorder.site_name(reply.node_id))
         if not accepted:
             log.error("round %d: no acceptable updates; the global model is unchanged", server_round)
-            self.recorder.aggregated(server_round, None, [])
+            self.recorder.aggregated(server_round, None, [], central_privacy=self._central_report(False))
             return None, None
+        if self.central is not None:
+            # Client-level DP bounds each site's influence on an equally weighted mean: examples do not weigh.
+            for msg in accepted:
+                for record in msg.content.metric_records.values():
+                    record[self.central.weight_key] = 1
         arrays, metrics = self.inner.aggregate_train(server_round, accepted)
         arrays = self._as_layout(arrays) if arrays is not None else None
-        self.recorder.aggregated(server_round, arrays, names if arrays is not None else [])
+        if arrays is None and self.central is not None:
+            log.error(
+                "round %d: %d of %d sampled sites sent an acceptable update; client-level DP releases a round only "
+                "when all did (its noise is calibrated for them): the global model is unchanged",
+                server_round, len(accepted), self.central.sites_per_round,
+            )
+        self.recorder.aggregated(
+            server_round, arrays, names if arrays is not None else [],
+            central_privacy=self._central_report(arrays is not None),
+        )
         return arrays, metrics
+
+    def _central_report(self, released: bool) -> dict | None:
+        return self.central.round_report(released) if self.central is not None else None
+
+    def _unclipped(self, norm: float) -> str | None:
+        """A problem if, under client-side clipping, a site's update is longer than the clip norm it was sent."""
+        central = self.central
+        if central is None or central.clipping != "client" or norm <= central.clip_norm * (1 + 1e-5):
+            return None
+        return f"the update's L2 norm {norm:.6g} exceeds the clip norm {central.clip_norm:g} the site was asked to clip to"
 
     def _understated_epsilon(self, reply: TrainReply) -> str | None:
         """A problem if the site reports less epsilon for this run than its own accepted events add up to.

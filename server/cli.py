@@ -119,6 +119,21 @@ def summary_table(summary: dict[str, Any]) -> Table:
             f"{b['max_train_bytes_to_site']:,} (head {b.get('head_parameter_bytes') or 0:,}; "
             f"{_pct(b.get('fraction_of_full_model'))} of the full model's {b.get('full_model_bytes') or 0:,})",
         )
+    privacy = summary.get("privacy") or {}
+    if privacy.get("max_epsilon") is not None:
+        grid.add_row(
+            "record-level DP",
+            f"epsilon {privacy['max_epsilon']:.4g} at delta {privacy.get('target_delta'):g} (largest over sites; "
+            f"target {privacy.get('target_epsilon'):g}; largest lifetime {privacy.get('max_lifetime_epsilon'):.4g})",
+        )
+    central = privacy.get("central")
+    if central:
+        grid.add_row(
+            "client-level DP",
+            f"epsilon {central['epsilon']:.4g} at delta {central['delta']:g} after {central['releases']} releases "
+            f"(noise multiplier {central['noise_multiplier']:.4g}, clip {central['clip_norm']:g} at the {central['clipping']}, "
+            f"{central['sites_per_round']} sites a round)",
+        )
     fwd = summary.get("backbone_forwards") or {}
     if fwd.get("total") is not None:
         cached = "cached features" if fwd.get("cache_features") else "no cache"

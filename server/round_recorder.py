@@ -135,6 +135,7 @@ class RoundRecorder:
             update_sha256=reply.update_sha256,
             update_l2_norm=update_l2_norm,
             privacy=reply.privacy.to_json() if reply.privacy else None,
+            receipt=reply.receipt.to_json() if reply.receipt else None,
         )
 
     def evaluate_accepted(self, server_round: int, reply: EvaluateReply, *, nbytes: int) -> None:
@@ -180,10 +181,13 @@ class RoundRecorder:
             else:
                 site.evaluate = SiteEvaluate(accepted=False, bytes_down=down, bytes_up=nbytes)
 
-    def aggregated(self, server_round: int, arrays: ArrayRecord | None, sites: list[str]) -> None:
-        """Record the new global head (None: unchanged) and whose updates made it."""
+    def aggregated(
+        self, server_round: int, arrays: ArrayRecord | None, sites: list[str], *, central_privacy: dict | None = None
+    ) -> None:
+        """Record the new global head (None: unchanged), whose updates made it, and client-level DP's release."""
         record = self._round(server_round)
         record.aggregated_sites = sorted(sites)
+        record.central_privacy = central_privacy
         record.head_sha256_after = arrays_sha256(arrays) if arrays is not None else record.head_sha256_before
 
     def site_name(self, node_id: int) -> str:

@@ -12,6 +12,8 @@ from common.errors import ConfigError
 
 __all__ = ["STRATEGY_BUILDERS", "build_strategy"]
 
+_VANISHING_FRACTION = 1e-9
+
 Builder = Callable[[RunConfig, dict[str, Any]], Strategy]
 
 # run-config 'strategy' -> how to build it (common.config.STRATEGIES names the same keys).
@@ -37,4 +39,12 @@ def build_strategy(cfg: RunConfig) -> Strategy:
         "min_evaluate_nodes": cfg.min_sites,
         "min_available_nodes": cfg.min_sites,
     }
+    if cfg.sites_per_round:
+        # Flower samples max(int(fraction x connected), min_train_nodes) sites once min_available_nodes are
+        # connected: a vanishing fraction makes that exactly sites-per-round, however many are connected.
+        sampling.update(
+            fraction_train=_VANISHING_FRACTION,
+            min_train_nodes=cfg.sites_per_round,
+            min_available_nodes=max(cfg.min_sites, cfg.sites_per_round),
+        )
     return STRATEGY_BUILDERS[cfg.strategy](cfg, sampling)

@@ -36,7 +36,7 @@ def _forwards(history: list[RoundRecord]) -> tuple[dict[str, dict[str, int]], di
 
 
 def _privacy(cfg: RunConfig, history: list[RoundRecord]) -> dict[str, Any]:
-    """Per site, the last reported record-level DP figures; the run's maxima."""
+    """Per site, the last reported record-level DP figures; the run's maxima; client-level DP at the server."""
     by_site: dict[str, dict[str, Any]] = {}
     for record in history:
         for name, site in record.sites.items():
@@ -54,6 +54,8 @@ def _privacy(cfg: RunConfig, history: list[RoundRecord]) -> dict[str, Any]:
         "max_epsilon": max((s["epsilon_run"] for s in by_site.values()), default=None),
         "max_lifetime_epsilon": max((s["epsilon_lifetime"] for s in by_site.values()), default=None),
         "by_site": by_site,
+        # client-level DP: the last round's release record (settings and the run's epsilon after it)
+        "central": next((r.central_privacy for r in reversed(history) if r.central_privacy), None),
     }
 
 
@@ -103,7 +105,8 @@ def build_summary(
         "federated_eval": federated or None,
         "head_sha256": last.head_sha256_after if last else None,
         "dp": cfg.dp,
-        "max_epsilon": (privacy := _privacy(cfg, history))["max_epsilon"],
+        "max_epsilon": (privacy := _privacy(cfg, history))["max_epsilon"],  # record-level, at the sites
+        "client_epsilon": privacy["central"]["epsilon"] if privacy["central"] else None,  # client-level, at the server
         "privacy": privacy,
         "bytes": {
             "head_parameter_bytes": head_bytes,

@@ -46,9 +46,13 @@ def check_run_target(
     """Check everything that can be checked before starting; raise ConfigError naming what is wrong."""
     root = project_root()
     kebab = {str(k).replace("_", "-"): v for k, v in (overrides or {}).items()}
-    cfg = build_run_config(kebab)
     if num_sites < 1:
         raise ConfigError(f"--sites {num_sites}: need at least one site")
+    if str(kebab.get("dp", "")) in ("central", "both"):
+        kebab.setdefault("sites-per-round", num_sites)  # client-level noise is calibrated for every site each round
+    cfg = build_run_config(kebab)
+    if cfg.sites_per_round > num_sites:
+        raise ConfigError(f"'sites-per-round' = {cfg.sites_per_round}: more than the {num_sites} simulated sites")
     run_name = check_run_name(name) if name else str(kebab.get("run-name", "")) or default_run_name(cfg)
     check_run_name(run_name, "run-name")
     run_dir = ensure_writable_dir(kebab.get("run-dir", root / "runs"), "run-dir")

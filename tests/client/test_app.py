@@ -10,6 +10,8 @@ from client.app import app
 from common.config import build_run_config
 from common.exchange import to_arrayrecord, trainable_layout
 from common.model import build_split_model
+from common.errors import ReplyError
+from common.receipt_ledger import read_receipts
 from common.replies import parse_evaluate_reply, parse_train_reply
 
 pytestmark = pytest.mark.usefixtures("flower_identity")
@@ -32,13 +34,25 @@ def test_train_sends_back_only_the_head_and_counts_backbone_passes(tmp_path, dig
     model = build_split_model(build_run_config(RUN_CONFIG))
     sha256, layout = model.weights_sha256, trainable_layout(model.trainable)
     context = _context(tmp_path, digits_npz)
-    first = parse_train_reply(app(_message("train", sha256), context), layout=layout, backbone_sha256=sha256, max_examples=10**6)
+    signed = {"run_id": "1", "server_round": 1}  # the site signs its reply for this run and round
+    first = parse_train_reply(
+        app(_message("train", sha256), context), layout=layout, backbone_sha256=sha256, max_examples=10**6, **signed
+    )
     assert set(first.arrays.keys()) == {"head.weight", "head.bias"}
     assert first.metrics.num_examples == 1000
     assert (first.metrics.backbone_forwards_train, first.metrics.backbone_forwards_eval) == (1000, 300)
     assert first.site.name == "st-olav"
-    second = parse_train_reply(app(_message("train", sha256), context), layout=layout, backbone_sha256=sha256, max_examples=10**6)
+    second = parse_train_reply(
+        app(_message("train", sha256), context), layout=layout, backbone_sha256=sha256, max_examples=10**6, **signed
+    )
     assert (second.metrics.backbone_forwards_train, second.metrics.cache_hits) == (0, 2)
+    assert first.receipt.public_key == second.receipt.public_key  # one key per site, kept in its state-dir
+    receipts = read_receipts(tmp_path / "site-state")
+    assert [r["update_sha256"] for r in receipts] == [first.update_sha256, second.update_sha256]
+    assert [r["signature"] for r in receipts] == [first.receipt.signature, second.receipt.signature]
+    with pytest.raises(ReplyError, match="signature does not match this reply"):  # replayed into another round
+        parse_train_reply(app(_message("train", sha256), context), layout=layout, backbone_sha256=sha256,
+                          max_examples=10**6, run_id="1", server_round=2)
     cache = tmp_path / "site-state" / "features"
     assert len(list(cache.glob("*.safetensors"))) == 2  # in the site's own state-dir
     evaluation = parse_evaluate_reply(app(_message("evaluate", sha256), context), backbone_sha256=sha256, max_examples=10**6)

@@ -39,21 +39,21 @@ def _train(model, server_round: int) -> Message:
     return Message(RecordDict({"arrays": to_arrayrecord(model.trainable), "config": config}), dst_node_id=7, message_type="train")
 
 
-def _parse(model, reply):
+def _parse(model, reply, *, run_id: int = 1, server_round: int = 1):
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     return parse_train_reply(reply, layout=trainable_layout(model.trainable), backbone_sha256=model.weights_sha256,
-                             max_examples=10**6, require_privacy=True)
+                             max_examples=10**6, require_privacy=True, run_id=str(run_id), server_round=server_round)
 
 
 def test_a_run_ends_at_its_target_and_a_second_run_adds_to_the_lifetime(tmp_path, digits_npz, model):
-    first = [_parse(model, app(_train(model, r), _context(tmp_path, digits_npz))) for r in (1, 2)]
+    first = [_parse(model, app(_train(model, r), _context(tmp_path, digits_npz)), server_round=r) for r in (1, 2)]
     p1, p2 = first[0].privacy, first[1].privacy
     assert p1.event.sample_rate == pytest.approx(100 / 1000) and p1.event.steps == 10
     assert p1.epsilon_run < p2.epsilon_run <= 2.0 and p2.epsilon_run == pytest.approx(2.0, rel=0.01)  # the run's target
     assert p2.epsilon_lifetime == pytest.approx(p2.epsilon_run)
     # the reported figure is what an independent accountant computes from the recorded events
     assert p2.epsilon_run == pytest.approx(independent_epsilon([p1.event, p2.event], delta=1e-5), rel=1e-6)
-    second = _parse(model, app(_train(model, 1), _context(tmp_path, digits_npz, run_id=2))).privacy
+    second = _parse(model, app(_train(model, 1), _context(tmp_path, digits_npz, run_id=2)), run_id=2).privacy
     assert second.epsilon_run == pytest.approx(p1.epsilon_run, rel=1e-6)  # a new run starts its own sum ...
     assert second.epsilon_lifetime > p2.epsilon_lifetime  # ... and the site's lifetime sum goes on
     ledger = json.loads((tmp_path / "state" / "privacy-ledger.json").read_text())

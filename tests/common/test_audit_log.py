@@ -1,0 +1,229 @@
+"""The signed audit log of a real ServerApp run: it verifies, and every kind of tampering is caught at its record."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from typer.testing import CliRunner
+
+from common.audit_log import format_line, record_sha256
+from common.audit_verify import verify_run
+from common.config import build_run_config
+from common.model import build_split_model
+from common.paths import FEDHEAD_HOME_ENV
+from common.privacy import DPEvent, epsilon_spent
+from common.hashing import sha256_arrays
+from common.protocol import PrivacyReport, Receipt, SiteInfo, TrainMetrics, build_train_content, receipt_payload
+from common.signing import load_or_create_key, public_hex, sign_hex
+from server.app import run_federation
+from simulations.cli import app
+from tests.server.scripted_grid import ScriptedGrid
+
+NODES = (21, 22)
+EVAL = {"num-examples": 10, "backbone-forwards-eval": 0, "eval-loss": 1.0, "eval-accuracy": 0.5,
+        "eval-precision": 0.5, "eval-recall": 0.5, "eval-f1": 0.5}
+EVENT = DPEvent(1.1, 0.05, 40, 1.0, "rdp")
+
+
+@pytest.fixture(scope="module")
+def signed_run(tmp_path_factory):
+    """A 3-round run under both DPs (the sites' DP events scripted, the server's wrapper real), with its audit log."""
+    home = tmp_path_factory.mktemp("home")
+    cfg = build_run_config(
+        pretrained=False, image_size=32, num_server_rounds=3, dataset="digits",
+        classes=",".join(str(d) for d in range(10)), run_dir=str(tmp_path_factory.mktemp("runs")), run_name="audited",
+        dp="both", sites_per_round=2, target_epsilon=8.0, central_clip_norm=1.0,
+    )
+    sha = build_split_model(cfg).weights_sha256
+    rounds_done: dict[int, int] = {}
+    site_keys = {node: load_or_create_key(home / f"site-{node}.pem") for node in NODES}
+
+    def respond(msg: Message) -> Message:
+        node = msg.metadata.dst_node_id
+        site = SiteInfo(f"site-{node}", sha)
+        if msg.metadata.message_type == "evaluate":
+            return Message(RecordDict({"metrics": MetricRecord(EVAL), "site": site.to_record()}), reply_to=msg)
+        rounds_done[node] = rounds_done.get(node, 0) + 1
+        events = [EVENT] * rounds_done[node]
+        epsilon = epsilon_spent(events, delta=cfg.target_delta, accountant="rdp")
+        privacy = PrivacyReport(EVENT, cfg.target_delta, epsilon, epsilon)
+        arrays = ArrayRecord({k: Array(v.numpy() + np.float32(0.001 * node)) for k, v in msg.content["arrays"].items()})
+        metrics = TrainMetrics(num_examples=100, train_loss=None, epochs_run=1, backbone_forwards_train=100,
+                               backbone_forwards_eval=0, cache_hits=0, seconds=1.0)
+        content = build_train_content(arrays, metrics, site, privacy)
+        payload = receipt_payload(  # what client.receipts.sign_train_reply signs at a real site
+            run_id="7", server_round=msg.content["config"]["server-round"], site=site.name, num_examples=100,
+            update_sha256=sha256_arrays({k: arrays[k].numpy() for k in arrays}), privacy=privacy.to_json(),
+        )
+        key = site_keys[node]
+        content["receipt"] = Receipt(public_hex(key), sign_hex(key, payload)).to_record()
+        return Message(content, reply_to=msg)
+
+    from flwr.supercore.task_identity import TaskIdentity
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(FEDHEAD_HOME_ENV, str(home))
+        for attr, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
+            patch.setattr(TaskIdentity, attr, value)
+        run_federation(ScriptedGrid(NODES, respond), cfg, run_id="7")
+    run_dir = Path(cfg.run_dir) / "audited"
+    key = public_hex(load_or_create_key(home / "keys" / "server-audit.pem"))
+    return run_dir, key, home
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "audit.jsonl").read_text().splitlines()]
+
+
+def _write(run_dir: Path, records: list[dict]) -> None:
+    (run_dir / "audit.jsonl").write_text("".join(format_line(r) + "\n" for r in records))
+
+
+def _copy(signed_run, tmp_path) -> Path:
+    out = tmp_path / "copy"
+    shutil.copytree(signed_run[0], out)
+    return out
+
+
+def _resign(records: list[dict], key) -> None:
+    """Rebuild a whole, internally consistent chain signed by ``key`` (what a forger with that key can do)."""
+    prev = "0" * 64
+    for record in records:
+        record["prev_sha256"] = prev
+        record["sha256"] = record_sha256(record)
+        record["signature"] = sign_hex(key, record["sha256"].encode())
+        prev = record["sha256"]
+
+
+def _first_round(records: list[dict]) -> int:
+    return next(i for i, r in enumerate(records) if r["kind"] == "round" and r["content"]["record"]["round"] == 1)
+
+
+def test_an_untouched_log_verifies_with_every_epsilon_recomputed(signed_run):
+    run_dir, key, _ = signed_run
+    records = _records(run_dir)
+    assert [r["kind"] for r in records][0] == "run-start" and records[-1]["kind"] == "run-end"
+    assert records[0]["content"]["server_public_key"] == key and records[0]["run_id"] == "7"
+    assert (run_dir / "server.pub").is_file()
+    report = verify_run(run_dir, key=key)
+    assert report.ok, report.problems
+    assert report.rounds == 3 and report.epsilons_checked == 2 * 3 + 3  # each site's each round, and the server's
+    assert report.site_signatures == 2 * 3
+    weights = records[_first_round(records)]["content"]["aggregation"]["weights"]
+    assert weights == {"site-21": 0.5, "site-22": 0.5}
+
+
+def test_the_cli_prints_one_line_and_exits_0(signed_run, tmp_path):
+    run_dir, key, _ = signed_run
+    (tmp_path / "server.hex").write_text(key)
+    result = CliRunner().invoke(app, ["audit", "verify", str(run_dir), "--key", str(tmp_path / "server.hex")])
+    assert result.exit_code == 0, result.output
+    assert "audit log verified" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def _changed(records, index):
+    records[index]["content"]["record"]["sites"]["site-21"]["train"]["num_examples"] = 1_000_000
+    return index, "does not hash to its sha256"
+
+
+def _rehashed(records, index):
+    records[index]["content"]["record"]["sites"]["site-21"]["train"]["num_examples"] = 1_000_000
+    records[index]["sha256"] = record_sha256(records[index])
+    return index, "signature does not verify"
+
+
+def _removed(records, index):
+    del records[index]
+    return index, "sequence number"
+
+
+def _swapped(records, index):
+    records[index], records[index + 1] = records[index + 1], records[index]
+    return index, "sequence number"
+
+
+def _cut_off(records, index):
+    del records[-1]
+    return len(records) - 1, "does not end with a run-end record"
+
+
+@pytest.mark.parametrize("tamper", [_changed, _rehashed, _removed, _swapped, _cut_off])
+def test_tampering_is_caught_at_the_record_it_touched(signed_run, tmp_path, tamper):
+    run_dir = _copy(signed_run, tmp_path)
+    records = _records(run_dir)
+    index, words = tamper(records, _first_round(records))
+    _write(run_dir, records)
+    report = verify_run(run_dir, key=signed_run[1])
+    assert any(p.startswith(f"record {index} ") and words in p for p in report.problems), report.problems
+    result = CliRunner().invoke(app, ["audit", "verify", str(run_dir)])
+    assert result.exit_code == 1 and f"record {index} " in result.output
+
+
+def test_a_log_re_signed_by_another_key_fails_against_the_pinned_one_and_a_wrong_epsilon_is_named(signed_run, tmp_path):
+    run_dir = _copy(signed_run, tmp_path)
+    records = _records(run_dir)
+    index = _first_round(records)
+    records[index]["content"]["record"]["sites"]["site-22"]["train"]["privacy"]["epsilon_run"] = 0.01
+    forger = load_or_create_key(tmp_path / "forger.pem")
+    records[0]["content"]["server_public_key"] = public_hex(forger)
+    _resign(records, forger)
+    _write(run_dir, records)
+    pinned = verify_run(run_dir, key=signed_run[1])
+    assert any(p.startswith("record 0 ") and "not the pinned key" in p for p in pinned.problems)
+    unpinned = verify_run(run_dir)
+    assert any(p.startswith(f"record {index} ") and "site-22: reported epsilon 0.01" in p for p in unpinned.problems)
+    # the site signed its real epsilon: the server's own key cannot make it say another
+    assert any(p.startswith(f"record {index} ") and "site-22: the site's signature does not match" in p
+               for p in unpinned.problems)
+
+
+def test_the_server_cannot_invent_or_alter_a_sites_update_even_with_its_own_key(signed_run, tmp_path):
+    run_dir = _copy(signed_run, tmp_path)
+    records = _records(run_dir)
+    index = _first_round(records)
+    records[index]["content"]["record"]["sites"]["site-21"]["train"]["update_sha256"] = "ab" * 32
+    del records[index]["content"]["record"]["sites"]["site-22"]["train"]["receipt"]
+    _resign(records, load_or_create_key(signed_run[2] / "keys" / "server-audit.pem"))
+    _write(run_dir, records)
+    problems = verify_run(run_dir, key=signed_run[1]).problems
+    assert len(problems) == 2, problems
+    assert problems[0].startswith(f"record {index} ") and "site-21: the site's signature does not match" in problems[0]
+    assert problems[1].startswith(f"record {index} ") and "site-22: the update carries no site signature" in problems[1]
+
+
+def test_pinned_site_keys_are_held_to(signed_run, tmp_path):
+    other = public_hex(load_or_create_key(tmp_path / "other.pem"))
+    problems = verify_run(signed_run[0], key=signed_run[1], site_keys={"site-21": other}).problems
+    assert len(problems) == 3 and all("site-21: signed by key" in p and "not the pinned key" in p for p in problems)
+
+
+def test_a_swapped_saved_head_is_caught_at_the_run_end_record(signed_run, tmp_path):
+    run_dir = _copy(signed_run, tmp_path)
+    from safetensors.numpy import load_file, save_file
+
+    head = load_file(str(run_dir / "model" / "head.safetensors"))
+    head["head.bias"] = head["head.bias"] + 1
+    save_file(head, str(run_dir / "model" / "head.safetensors"))
+    problems = verify_run(run_dir, key=signed_run[1]).problems
+    last = len(_records(run_dir)) - 1
+    assert problems and all(p.startswith(f"record {last} ") for p in problems)
+    assert "head.safetensors hashes to" in problems[0] and "not the file's" in problems[1]
+
+
+def test_any_flipped_byte_is_caught(signed_run, tmp_path):
+    run_dir = _copy(signed_run, tmp_path)
+    original = (run_dir / "audit.jsonl").read_bytes()
+    rng = random.Random(0)
+    spaces = [i for i, b in enumerate(original) if b == ord(" ")]
+    for position in rng.sample(range(len(original)), 30) + spaces[:5]:
+        damaged = bytearray(original)
+        damaged[position] = ord("\t") if position in spaces else (damaged[position] + rng.randrange(1, 256)) % 256
+        (run_dir / "audit.jsonl").write_bytes(bytes(damaged))
+        report = verify_run(run_dir, key=signed_run[1])
+        assert not report.ok, f"a changed byte at {position} went unnoticed"
