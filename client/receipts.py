@@ -1,7 +1,7 @@
 """Site receipts: the site signs every train reply it sends and keeps its own ledger of them.
 
 The site's Ed25519 key lives in its ``state-dir`` (``keys/site-ed25519.pem``,
-made on first use). :func:`sign_train_reply` is the ClientApp's outermost
+made on first use; its public half beside it in ``site-ed25519.pub``). :func:`sign_train_reply` is the ClientApp's outermost
 mod, so it signs exactly what leaves the site (after Flower's clipping mod,
 if that ran): the run id, the round, the site's name, the update's sha256,
 the number of examples and the DP figures (:func:`common.protocol.receipt_payload`).
@@ -35,7 +35,7 @@ from common.protocol import (
     metric_keys,
     receipt_payload,
 )
-from common.receipt_ledger import append_receipt, site_key_path
+from common.receipt_ledger import append_receipt, site_key_path, site_public_key_path
 from common.signing import load_or_create_key, public_hex, sign_hex
 from common.site_config import build_site_config
 
@@ -69,6 +69,9 @@ def sign_train_reply(msg: Message, context: Context, call_next: ClientAppCallabl
         "privacy": privacy.to_json() if privacy else None,
     }
     key = load_or_create_key(site_key_path(site_cfg.state_dir))
+    public = site_public_key_path(site_cfg.state_dir)
+    if not public.exists():
+        public.write_text(public_hex(key) + "\n")
     receipt = Receipt(public_hex(key), sign_hex(key, receipt_payload(**fields)))
     now = datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     append_receipt(site_cfg.state_dir, {"time": now, **fields, **receipt.to_json()})

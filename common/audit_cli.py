@@ -11,8 +11,9 @@ from common.audit_log import AUDIT_FILE
 from common.audit_verify import cross_check, verify_run
 from common.cli import ExitCode, report_problem, stdout_console
 from common.errors import ConfigError
-from common.receipt_ledger import read_receipts, site_key_path
-from common.signing import load_or_create_key, load_public_key, public_hex
+from common.errors import DataError
+from common.receipt_ledger import read_receipts, site_public_key_path
+from common.signing import load_public_key
 
 __all__ = ["audit_app"]
 
@@ -53,17 +54,25 @@ def cross_check_site(
     run_dir: Annotated[Path, typer.Argument(help="A run folder, e.g. runs/<name>.")],
     site_state_dir: Annotated[Path, typer.Argument(help="The site's state-dir (its key and receipts.jsonl).")],
 ) -> None:
-    """Hold a site's own receipt ledger against RUN_DIR's audit log, round by round."""
-    key_file = site_key_path(site_state_dir)
+    """Hold a site's own receipt ledger against RUN_DIR's audit log, round by round (and verify the log)."""
+    key_file = site_public_key_path(site_state_dir)
     if not key_file.is_file() or not (run_dir / AUDIT_FILE).is_file():
         report_problem(f"need {key_file} and {run_dir / AUDIT_FILE}; give a site's state-dir and a run folder")
         raise typer.Exit(ExitCode.BAD_INPUT)
-    problems, agreed = cross_check(run_dir, read_receipts(site_state_dir), public_hex(load_or_create_key(key_file)))
+    try:
+        problems, agreed = cross_check(run_dir, read_receipts(site_state_dir), load_public_key(key_file))
+    except (OSError, ConfigError, DataError) as exc:
+        report_problem(exc)
+        raise typer.Exit(ExitCode.BAD_INPUT) from None
+    report = verify_run(run_dir)
     console = stdout_console()
     for line in agreed:
         console.print(line, soft_wrap=True)
-    if problems:
-        for problem in problems:
+    if problems or not report.ok:
+        for problem in [*report.problems, *problems]:
             report_problem(problem)
         raise typer.Exit(ExitCode.FAILED)
-    console.print(f"{site_state_dir}: all {len(agreed)} receipts of this run agree with {run_dir / AUDIT_FILE}", soft_wrap=True)
+    console.print(
+        f"{site_state_dir}: all {len(agreed)} receipts of this run agree with {run_dir / AUDIT_FILE}, which verifies",
+        soft_wrap=True,
+    )

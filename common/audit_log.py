@@ -84,7 +84,7 @@ def read_audit_lines(path: Path) -> list[tuple[int, dict[str, Any] | None, str]]
         line = raw.decode("utf-8", "replace")
         try:
             value = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, ValueError, RecursionError):  # not text, not JSON, or nested to crash a parser
             value = None
         out.append((number, value if isinstance(value, dict) else None, line))
     return out

@@ -42,6 +42,7 @@ class AuditReport:
     epsilons_checked: int = 0
     site_signatures: int = 0
     signer: str | None = None
+    trust: str = ""  # which keys were pinned by the auditor and which taken from the log
 
     @property
     def ok(self) -> bool:
@@ -53,7 +54,7 @@ class AuditReport:
             return (
                 f"{run_dir}: audit log verified: {self.records} records, {self.rounds} rounds, "
                 f"{self.site_signatures} site signatures and {self.epsilons_checked} epsilons checked, "
-                f"signed by {self.signer[:16]}..."
+                f"signed by {self.signer[:16]}... ({self.trust})"
             )
         return f"{run_dir}: {len(self.problems)} problem(s) in the audit log"
 
@@ -66,6 +67,14 @@ def _close(reported: Any, expected: float, accountant: str) -> bool:
     return abs(reported - expected) <= _REL * max(abs(expected), 1e-12)
 
 
+_WEIGHT_TOLERANCE = 1e-9
+
+
+def _number(value: Any) -> float | None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else None
+
+
 class _Verifier:
     def __init__(self, run_dir: Path, pinned_key: str | None, site_keys: Mapping[str, str]) -> None:
         self.run_dir, self.pinned_key = run_dir, pinned_key
@@ -75,10 +84,14 @@ class _Verifier:
         self.key: str | None = pinned_key
         self.run_id: str | None = None
         self.privacy: Mapping[str, Any] = {}
+        self.central: Mapping[str, Any] = {}  # client-level DP as declared at run start
         self.last_head: str | None = None
         self.last_round = -1
         self.site_events: dict[str, list[DPEvent]] = {}
+        self.site_epsilon: dict[str, float] = {}
         self.central_releases = 0
+        self.central_epsilon: float | None = None
+        self.rounds_aggregated = 0
 
     def problem(self, where: str, message: str) -> None:
         self.report.problems.append(f"{where}: {message}")
@@ -89,31 +102,51 @@ class _Verifier:
             self.problem(str(path), "no audit log")
             return self.report
         lines = read_audit_lines(path)
-        prev, kinds = GENESIS, []
+        prev: str | None = GENESIS
+        kinds: list[tuple[int, str]] = []
         for index, (number, record, line) in enumerate(lines):
             where = f"record {index} (line {number})"
             if record is None:
                 self.problem(where, "not a JSON object; the line was damaged or cut off")
                 prev = None
                 continue
-            missing = [f for f in _FIELDS if f not in record]
-            if missing:
-                self.problem(where, f"missing field(s) {', '.join(missing)}")
-                prev = record.get("sha256")
-                continue
-            if line != format_line(record):
-                self.problem(where, "the line's bytes are not its record's canonical form: it was edited")
-            self._envelope(where, index, record, prev)
-            prev = record["sha256"]
-            kinds.append(record["kind"])
-            self._content(where, record)
+            try:
+                self._record(where, index, record, line, prev)
+                kinds.append((index, str(record.get("kind"))))
+            except Exception as exc:  # a hostile log gets a problem line, never a traceback
+                self.problem(where, f"malformed record ({type(exc).__name__}: {str(exc)[:200]})")
+            prev = record.get("sha256") if isinstance(record.get("sha256"), str) else None
         self.report.records = len(lines)
-        if not kinds or kinds[0] != "run-start":
-            self.problem("record 0 (line 1)", "the log does not begin with a run-start record")
-        if not kinds or kinds[-1] != "run-end":
-            self.problem(f"record {len(lines) - 1} (line {len(lines)})", "the log does not end with a run-end record: the run did not end, or records were cut off")
+        self._kinds(kinds, len(lines))
         self.report.signer = self.key
+        unpinned = sorted(set(self.site_keys) - self.pinned_sites)
+        self.report.trust = (
+            f"server key {'pinned' if self.pinned_key else 'as the log names it'}; "
+            + (f"site keys of {', '.join(unpinned)} as first seen in the log" if unpinned else "every site key pinned")
+        )
         return self.report
+
+    def _kinds(self, kinds: list[tuple[int, str]], count: int) -> None:
+        """Exactly one run-start, first, and one run-end, last."""
+        starts = [i for i, kind in kinds if kind == "run-start"]
+        ends = [i for i, kind in kinds if kind == "run-end"]
+        if starts != [0]:
+            where = f"record {starts[1] if len(starts) > 1 else 0} (line {(starts[1] if len(starts) > 1 else 0) + 1})"
+            self.problem(where, "the log must begin with its one run-start record" + (f"; found run-start at records {starts}" if starts else ""))
+        last = count - 1
+        if ends != [last]:
+            self.problem(f"record {last} (line {count})", "the log does not end with its one run-end record: the run did not "
+                         "end, or records were cut off or added" + (f"; found run-end at records {ends}" if ends else ""))
+
+    def _record(self, where: str, index: int, record: dict[str, Any], line: str, prev: str | None) -> None:
+        missing = [f for f in _FIELDS if f not in record]
+        if missing:
+            self.problem(where, f"missing field(s) {', '.join(missing)}")
+            return
+        if line != format_line(record):
+            self.problem(where, "the line's bytes are not its record's canonical form: it was edited")
+        self._envelope(where, index, record, prev)
+        self._content(where, index, record)
 
     def _envelope(self, where: str, index: int, record: dict[str, Any], prev: str | None) -> None:
         if record["seq"] != index:
@@ -126,50 +159,115 @@ class _Verifier:
             declared = record["content"].get("server_public_key") if isinstance(record["content"], dict) else None
             if self.pinned_key and declared != self.pinned_key:
                 self.problem(where, f"signed by key {str(declared)[:16]}..., not the pinned key {self.pinned_key[:16]}...")
-            self.key = self.key or declared
-        if not self.key or not verify_hex(self.key, str(record["sha256"]).encode("ascii"), str(record["signature"])):
+            self.key = self.key or (declared if isinstance(declared, str) else None)
+        signed = str(record["sha256"]).encode("utf-8")
+        if not self.key or not verify_hex(self.key, signed, str(record["signature"])):
             self.problem(where, "the server's signature does not verify")
         if self.run_id is None:
-            self.run_id = record["run_id"]
+            self.run_id = str(record["run_id"])
         elif record["run_id"] != self.run_id:
             self.problem(where, f"run id {record['run_id']!r} is not the run's {self.run_id!r}")
 
-    def _content(self, where: str, record: dict[str, Any]) -> None:
+    def _content(self, where: str, index: int, record: dict[str, Any]) -> None:
         kind, content = record["kind"], record["content"]
         if kind not in AUDIT_KINDS or not isinstance(content, dict):
             self.problem(where, f"unknown kind {kind!r} or content that is not an object")
             return
-        try:
-            if kind == "run-start":
-                self.privacy = content.get("privacy") or {}
-                self.last_head = content.get("initial_head_sha256")
-            elif kind == "round":
-                self._round(where, content)
-            elif kind == "run-end":
-                self._end(where, content)
-        except (KeyError, TypeError, ValueError, PrivacyError) as exc:
-            self.problem(where, f"malformed {kind} record ({type(exc).__name__}: {exc})")
+        if kind == "run-start":
+            if index == 0:
+                self._start(where, content)
+        elif kind == "round":
+            self._round(where, content)
+        elif kind == "problem":
+            self._problem_record(where, content)
+        else:
+            self._end(where, content)
+
+    def _start(self, where: str, content: dict[str, Any]) -> None:
+        """The declared privacy; a declared client-level budget must be what its noise gives over the run."""
+        self.privacy = dict(content["privacy"] or {})
+        self.last_head = content["initial_head_sha256"]
+        self.central = dict(self.privacy.get("central") or {})
+        if self.privacy.get("dp") in ("central", "both") and not self.central:
+            self.problem(where, "the run declares client-level DP but not its mechanism")
+        if self.central:
+            planned = independent_central_epsilon(self.central["noise_multiplier"], content["num_server_rounds"], self.central["delta"])
+            self.report.epsilons_checked += 1
+            if not _close(self.central["planned_epsilon"], planned, "rdp"):
+                self.problem(where, f"the declared client-level budget {self.central['planned_epsilon']!r} is not what noise "
+                                    f"{self.central['noise_multiplier']!r} gives over {content['num_server_rounds']} rounds ({planned:.6g})")
+            if self.central["delta"] != self.privacy.get("target_delta"):
+                self.problem(where, "the client-level delta is not the run's target delta")
+
+    def _problem_record(self, where: str, content: dict[str, Any]) -> None:
+        ok = (
+            isinstance(content.get("round"), int) and isinstance(content.get("node_id"), int)
+            and isinstance(content.get("site"), str) and content.get("phase") in ("train", "evaluate")
+            and content.get("kind") in ("failed", "rejected", "refused", "missing")
+            and isinstance(content.get("reasons"), list) and all(isinstance(r, str) for r in content["reasons"])
+        )
+        if not ok:
+            self.problem(where, "a problem record needs round, node_id, site, phase, kind and reasons")
 
     def _round(self, where: str, content: dict[str, Any]) -> None:
         rec = content["record"]
         number = rec["round"]
-        if number <= self.last_round:
-            self.problem(where, f"round {number} comes after round {self.last_round}")
+        if not isinstance(number, int) or number <= self.last_round:
+            self.problem(where, f"round {number!r} comes after round {self.last_round}")
+            return
         self.last_round = number
+        aggregated = list(rec["aggregated_sites"])
         if number == 0:
+            if aggregated or rec.get("central_privacy") or rec.get("head_sha256_after") not in (None, self.last_head):
+                self.problem(where, "round 0 evaluates the initial head only; this one aggregates or changes it")
             return
         self.report.rounds += 1
         if rec["head_sha256_before"] != self.last_head:
             self.problem(where, f"round {number} starts from head {str(rec['head_sha256_before'])[:16]}..., "
                                 f"but the previous round ended at {str(self.last_head)[:16]}...")
         self.last_head = rec["head_sha256_after"]
-        for name, site in sorted(rec["sites"].items()):
+        changed = rec["head_sha256_after"] != rec["head_sha256_before"]
+        if aggregated:
+            self.rounds_aggregated += 1
+        elif changed:
+            self.problem(where, f"round {number}: the head changed, but no site's update was aggregated")
+        sites = rec["sites"]
+        records_dp = self.privacy.get("dp") in ("sample", "both")
+        for name in aggregated:
+            train = (sites.get(name) or {}).get("train") or {}
+            if not train.get("accepted"):
+                self.problem(where, f"round {number}, {name}: aggregated without an accepted update")
+            elif records_dp and not train.get("privacy"):
+                self.problem(where, f"round {number}, {name}: aggregated without the record-level DP the run declares")
+        for name, site in sorted(sites.items()):
             train = site.get("train") or {}
             if train.get("accepted"):
                 self._receipt(where, number, name, train)
                 if train.get("privacy"):
                     self._record_level(where, number, name, train["privacy"])
-        self._client_level(where, number, rec)
+        self._aggregation(where, number, rec, content["aggregation"])
+        self._client_level(where, number, rec, changed)
+
+    def _aggregation(self, where: str, number: int, rec: dict[str, Any], aggregation: dict[str, Any]) -> None:
+        """The weights the log says it used: equal under client-level DP, else each site's share of the examples."""
+        if aggregation["central_dp"] != rec.get("central_privacy"):
+            self.problem(where, f"round {number}: the aggregation's client-level DP is not the round record's")
+        weights = aggregation["weights"]
+        aggregated = rec["aggregated_sites"]
+        if weights is None:
+            if self.central and aggregated:
+                self.problem(where, f"round {number}: client-level DP needs equal weights, none are recorded")
+            return
+        if set(weights) != set(aggregated):
+            self.problem(where, f"round {number}: weights are given for {sorted(weights)}, the aggregated sites are {sorted(aggregated)}")
+            return
+        if self.central:
+            expected = {name: 1 / len(aggregated) for name in aggregated}
+        else:
+            examples = {name: rec["sites"][name]["train"]["num_examples"] for name in aggregated}
+            expected = {name: n / sum(examples.values()) for name, n in examples.items()}
+        if any(abs(_number(weights[name]) - expected[name]) > _WEIGHT_TOLERANCE for name in aggregated):
+            self.problem(where, f"round {number}: weights {weights} are not the {'equal' if self.central else 'example-weighted'} ones")
 
     def _receipt(self, where: str, number: int, name: str, train: dict[str, Any]) -> None:
         """The site's own signature of the update the log says it sent."""
@@ -192,52 +290,81 @@ class _Verifier:
                                 "and privacy figures the log records for it")
 
     def _record_level(self, where: str, number: int, name: str, privacy: dict[str, Any]) -> None:
+        """A site's epsilon for this run: at least what its recorded events compose to (a rejected round also spends)."""
         target = self.privacy.get("target_epsilon")
         event = DPEvent.from_json(privacy["event"])
         events = self.site_events.setdefault(name, [])
         events.append(event)
         expected = independent_epsilon(events, delta=privacy["delta"], accountant=event.accountant)
+        reported = _number(privacy["epsilon_run"])
         self.report.epsilons_checked += 1
-        if not _close(privacy["epsilon_run"], expected, event.accountant):
+        low = expected * (1 - _REL) - (PRV_EPS_ERROR if event.accountant == "prv" else 0.0)
+        if reported is None or reported < low:
             self.problem(where, f"round {number}, {name}: reported epsilon {privacy['epsilon_run']!r} for this run, "
                                 f"but its {len(events)} recorded DP events give {expected:.6g}")
-        if target is not None and privacy["epsilon_run"] > target * (1 + _REL):
-            self.problem(where, f"round {number}, {name}: epsilon {privacy['epsilon_run']:.6g} exceeds the declared target {target:g}")
+            return
+        self.site_epsilon[name] = reported
+        if target is not None and reported > target * (1 + _REL):
+            self.problem(where, f"round {number}, {name}: epsilon {reported:.6g} exceeds the declared target {target:g}")
         if privacy["delta"] != self.privacy.get("target_delta"):
             self.problem(where, f"round {number}, {name}: delta {privacy['delta']!r} is not the declared {self.privacy.get('target_delta')!r}")
 
-    def _client_level(self, where: str, number: int, rec: dict[str, Any]) -> None:
+    def _client_level(self, where: str, number: int, rec: dict[str, Any], changed: bool) -> None:
         central = rec.get("central_privacy")
-        if self.privacy.get("dp") in ("central", "both") and not central:
+        if self.central and not central:
             self.problem(where, f"round {number}: the run declares client-level DP, but the round records none")
         if not central:
             return
-        self.central_releases += 1 if central["released"] else 0
+        if not self.central:
+            self.problem(where, f"round {number}: a client-level release the run never declared")
+            return
+        for key in ("clipping", "clip_norm", "noise_multiplier", "sites_per_round", "delta"):
+            if central[key] != self.central.get(key):
+                self.problem(where, f"round {number}: client-level {key} {central[key]!r} is not the declared {self.central.get(key)!r}")
+        released = central["released"] is True
+        if released != changed:
+            self.problem(where, f"round {number}: released={central['released']!r}, but the head {'changed' if changed else 'did not change'}")
+        if released and len(rec["aggregated_sites"]) != self.central.get("sites_per_round"):
+            self.problem(where, f"round {number}: released the mean of {len(rec['aggregated_sites'])} sites, noise calibrated for {self.central.get('sites_per_round')}")
+        self.central_releases += 1 if released else 0
         if central["releases"] != self.central_releases:
             self.problem(where, f"round {number}: {central['releases']} client-level releases reported, {self.central_releases} recorded")
-        expected = independent_central_epsilon(central["noise_multiplier"], self.central_releases, central["delta"])
+        expected = independent_central_epsilon(self.central["noise_multiplier"], self.central_releases, self.central["delta"])
         self.report.epsilons_checked += 1
         if not _close(central["epsilon"], expected, "rdp"):
             self.problem(where, f"round {number}: reported client-level epsilon {central['epsilon']!r}, "
-                                f"but {self.central_releases} releases at noise {central['noise_multiplier']:.6g} give {expected:.6g}")
-        declared = self.privacy.get("central") or {}
-        target = declared.get("planned_epsilon", self.privacy.get("target_epsilon"))
-        if target is not None and central["epsilon"] > target * (1 + _REL):
-            self.problem(where, f"round {number}: client-level epsilon {central['epsilon']:.6g} exceeds the declared budget {target:.6g}")
-        if declared and central["noise_multiplier"] != declared.get("noise_multiplier"):
-            self.problem(where, f"round {number}: noise multiplier {central['noise_multiplier']!r} is not the declared {declared.get('noise_multiplier')!r}")
+                                f"but {self.central_releases} releases at noise {self.central['noise_multiplier']:.6g} give {expected:.6g}")
+        self.central_epsilon = expected
+        if expected > self.central["planned_epsilon"] * (1 + _REL):
+            self.problem(where, f"round {number}: client-level epsilon {expected:.6g} exceeds the declared budget {self.central['planned_epsilon']:.6g}")
 
     def _end(self, where: str, content: dict[str, Any]) -> None:
         if content["head_sha256"] != self.last_head:
             self.problem(where, f"the run ends at head {str(content['head_sha256'])[:16]}..., the last round at {str(self.last_head)[:16]}...")
-        saved = sha256_safetensors(self.run_dir / "model" / "head.safetensors")
-        if content.get("status") in ("finished", "degraded"):
-            if saved is None:
-                self.problem(where, "model/head.safetensors is missing")
-            elif saved != self.last_head:
-                self.problem(where, f"model/head.safetensors hashes to {saved[:16]}..., not the last round's head {str(self.last_head)[:16]}...")
-        if content.get("saved_head_sha256") not in (None, saved):
+        try:
+            saved = sha256_safetensors(self.run_dir / "model" / "head.safetensors")
+        except Exception as exc:  # a damaged file is a finding, not a crash
+            self.problem(where, f"model/head.safetensors cannot be read ({type(exc).__name__})")
+            return
+        if saved is None and content["status"] in ("finished", "degraded"):
+            self.problem(where, f"the run ended {content['status']}, but model/head.safetensors is missing")
+        if saved is not None and saved != self.last_head:
+            self.problem(where, f"model/head.safetensors hashes to {saved[:16]}..., not the last round's head {str(self.last_head)[:16]}...")
+        if content["saved_head_sha256"] != saved:
             self.problem(where, "the saved head's hash in the run-end record is not the file's")
+        if content["rounds_completed"] != self.rounds_aggregated:
+            self.problem(where, f"rounds_completed {content['rounds_completed']!r}, but {self.rounds_aggregated} rounds aggregated")
+        if not _same(content["client_epsilon"], self.central_epsilon):
+            self.problem(where, f"client_epsilon {content['client_epsilon']!r} is not the last round's {self.central_epsilon!r}")
+        largest = max(self.site_epsilon.values(), default=None)
+        if not _same(content["max_epsilon"], largest):
+            self.problem(where, f"max_epsilon {content['max_epsilon']!r} is not the largest site epsilon {largest!r}")
+
+
+def _same(reported: Any, expected: float | None) -> bool:
+    if expected is None:
+        return reported is None
+    return _close(reported, expected, "rdp")
 
 
 def verify_run(run_dir: Path, *, key: str | None = None, site_keys: Mapping[str, str] | None = None) -> AuditReport:
@@ -252,24 +379,32 @@ def cross_check(run_dir: Path, receipts: list[dict[str, Any]], site_key: str) ->
     round, update hash, examples, epsilons and signature); every accepted update
     the log credits to the site's name must have a receipt. A receipt whose
     update the log records as rejected or failed, with its reasons, agrees.
+    It reads the log as it is: run :func:`verify_run` for its chain and signatures.
     """
     lines = read_audit_lines(Path(run_dir) / AUDIT_FILE)
     records = [record for _, record, _ in lines if record is not None]
     run_id = records[0].get("run_id") if records else None
-    mine = [r for r in receipts if r.get("run_id") == run_id and r.get("public_key") == site_key]
+    mine = [r for r in receipts if isinstance(r, dict) and r.get("run_id") == run_id and r.get("public_key") == site_key]
     names = {r.get("site") for r in mine}
     claimed: dict[int, tuple[int, dict[str, Any]]] = {}
     rejected: dict[int, list[str]] = {}
     for index, record in enumerate(records):
-        content = record.get("content") or {}
+        content = record.get("content")
+        if not isinstance(content, dict):
+            continue
         if record.get("kind") == "round":
-            rec = content.get("record") or {}
-            for name, site in (rec.get("sites") or {}).items():
-                train = site.get("train") or {}
-                if train.get("accepted") and (name in names or (train.get("receipt") or {}).get("public_key") == site_key):
-                    claimed[rec.get("round")] = (index, train)
-        elif record.get("kind") == "problem" and content.get("site") in names and content.get("phase") == "train":
-            rejected.setdefault(content.get("round"), []).extend(content.get("reasons") or [])
+            rec = content.get("record")
+            sites = rec.get("sites") if isinstance(rec, dict) else None
+            for name, site in (sites.items() if isinstance(sites, dict) else ()):
+                train = site.get("train") if isinstance(site, dict) else None
+                if not isinstance(train, dict) or not train.get("accepted") or not isinstance(rec.get("round"), int):
+                    continue
+                receipt = train.get("receipt") if isinstance(train.get("receipt"), dict) else {}
+                if name in names or receipt.get("public_key") == site_key:
+                    claimed[rec["round"]] = (index, train)
+        elif (record.get("kind") == "problem" and content.get("site") in names and content.get("phase") == "train"
+              and isinstance(content.get("round"), int) and isinstance(content.get("reasons"), list)):
+            rejected.setdefault(content["round"], []).extend(str(r) for r in content["reasons"])
     problems: list[str] = []
     agreed: list[str] = []
     for receipt in mine:
@@ -283,7 +418,8 @@ def cross_check(run_dir: Path, receipts: list[dict[str, Any]], site_key: str) ->
             continue
         index, train = claimed.pop(number)
         differs = [k for k in ("update_sha256", "num_examples", "privacy") if train.get(k) != receipt.get(k)]
-        if (train.get("receipt") or {}).get("signature") != receipt.get("signature"):
+        signed = train.get("receipt") if isinstance(train.get("receipt"), dict) else {}
+        if signed.get("signature") != receipt.get("signature"):
             differs.append("signature")
         if differs:
             problems.append(f"record {index}: round {number}: the log's {', '.join(differs)} differ from the site's receipt")

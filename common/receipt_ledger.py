@@ -11,12 +11,19 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["site_key_path", "receipts_path", "append_receipt", "read_receipts"]
+from common.errors import DataError
+
+__all__ = ["site_key_path", "site_public_key_path", "receipts_path", "append_receipt", "read_receipts"]
 
 
 def site_key_path(state_dir: Path) -> Path:
     """Where a site's Ed25519 signing key lives."""
     return Path(state_dir) / "keys" / "site-ed25519.pem"
+
+
+def site_public_key_path(state_dir: Path) -> Path:
+    """The public half of the site's key, as 64 hex digits (what an auditor is given)."""
+    return Path(state_dir) / "keys" / "site-ed25519.pub"
 
 
 def receipts_path(state_dir: Path) -> Path:
@@ -46,5 +53,5 @@ def read_receipts(state_dir: Path) -> list[dict[str, Any]]:
             out.append(json.loads(line))
         except json.JSONDecodeError:
             if number != len(lines):
-                raise
+                raise DataError(f"{path} line {number} is not JSON: the ledger is damaged") from None
     return out

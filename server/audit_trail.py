@@ -73,8 +73,8 @@ class AuditTrail:
         key = load_or_create_key(server_key_path())
         self.cfg = cfg
         self.public_key = public_hex(key)
+        self.writer = AuditWriter(run_folder / AUDIT_FILE, key, run_id)  # refuses a folder that already has a log
         write_bytes_atomic(run_folder / SERVER_PUB_FILE, public_pem(key))
-        self.writer = AuditWriter(run_folder / AUDIT_FILE, key, run_id)
 
     def start(
         self, *, versions: dict[str, Any], weights_sha256: str, head_sha256: str, central: dict[str, Any] | None = None

@@ -172,7 +172,7 @@ def bench(
     console.print(table)
     console.print(f"cached features are {r['speedup']:.1f}x faster than the plain way")
     console.print(
-        f"DP-SGD's head training takes {r['dp_cost']:.2f}x the time of plain head training on the same features "
+        f"DP-SGD's head training takes {r['dp_cost']:.2f}x the time of non-private head training on the same cached features "
         f"(and {r['dp_calibration_seconds']:.1f} s once per run to calibrate the noise)"
     )
     console.print(

@@ -113,7 +113,8 @@ def test_an_untouched_log_verifies_with_every_epsilon_recomputed(signed_run):
     assert (run_dir / "server.pub").is_file()
     report = verify_run(run_dir, key=key)
     assert report.ok, report.problems
-    assert report.rounds == 3 and report.epsilons_checked == 2 * 3 + 3  # each site's each round, and the server's
+    # each site's each round, the server's each round, and the declared client-level budget
+    assert report.rounds == 3 and report.epsilons_checked == 2 * 3 + 3 + 1
     assert report.site_signatures == 2 * 3
     weights = records[_first_round(records)]["content"]["aggregation"]["weights"]
     assert weights == {"site-21": 0.5, "site-22": 0.5}
@@ -150,7 +151,7 @@ def _swapped(records, index):
 
 def _cut_off(records, index):
     del records[-1]
-    return len(records) - 1, "does not end with a run-end record"
+    return len(records) - 1, "does not end with its one run-end record"
 
 
 @pytest.mark.parametrize("tamper", [_changed, _rehashed, _removed, _swapped, _cut_off])
@@ -227,3 +228,46 @@ def test_any_flipped_byte_is_caught(signed_run, tmp_path):
         (run_dir / "audit.jsonl").write_bytes(bytes(damaged))
         report = verify_run(run_dir, key=signed_run[1])
         assert not report.ok, f"a changed byte at {position} went unnoticed"
+
+
+def _round_of(records, k=1):
+    return next(r for r in records if r["kind"] == "round" and r["content"]["record"]["round"] == k)
+
+
+def _central(records):
+    return _round_of(records)["content"]["record"]["central_privacy"]
+
+
+# What a server holding its own key might write: each must be named, none may crash the verifier.
+FORGERIES = {
+    "sites as a list": (lambda rs: _round_of(rs)["content"]["record"].update(sites=[1, 2]), "malformed record"),
+    "a string where a site is": (lambda rs: _round_of(rs)["content"]["record"]["sites"].update({"site-21": "x"}), "malformed"),
+    "a second run-start": (lambda rs: rs.insert(2, json.loads(json.dumps(rs[0]))), "one run-start"),
+    "a release hidden": (lambda rs: _central(rs).update(released=False), "released=False, but the head changed"),
+    "a wrong client-level delta": (lambda rs: _central(rs).update(delta=0.5), "client-level delta 0.5"),
+    "noise for more sites": (lambda rs: _central(rs).update(sites_per_round=100), "client-level sites_per_round 100"),
+    "unequal weights": (
+        lambda rs: _round_of(rs)["content"]["aggregation"].update(weights={"site-21": 0.9, "site-22": 0.1}), "not the equal ones"
+    ),
+    "a bigger declared budget": (lambda rs: rs[0]["content"]["privacy"]["central"].update(planned_epsilon=500.0), "declared client-level budget"),
+    "an aggregated site without an accepted update": (
+        lambda rs: _round_of(rs)["content"]["record"]["sites"]["site-21"]["train"].update(accepted=False), "aggregated without an accepted"
+    ),
+    "a smaller client epsilon at the end": (lambda rs: rs[-1]["content"].update(client_epsilon=0.1), "client_epsilon 0.1"),
+    "more rounds completed at the end": (lambda rs: rs[-1]["content"].update(rounds_completed=99), "rounds_completed 99"),
+    "a junk problem record": (lambda rs: rs.insert(2, {**rs[2], "kind": "problem", "content": {"round": "x"}}), "problem record needs"),
+}
+
+
+@pytest.mark.parametrize("name", list(FORGERIES))
+def test_what_the_server_could_write_with_its_own_key_is_named(signed_run, tmp_path, name):
+    run_dir = _copy(signed_run, tmp_path)
+    records = _records(run_dir)
+    forge, words = FORGERIES[name]
+    forge(records)
+    for index, record in enumerate(records):
+        record["seq"] = index
+    _resign(records, load_or_create_key(signed_run[2] / "keys" / "server-audit.pem"))
+    _write(run_dir, records)
+    problems = verify_run(run_dir, key=signed_run[1]).problems
+    assert any(words in p for p in problems), problems

@@ -55,7 +55,7 @@ def test_a_dp_run_reports_epsilons_an_auditor_can_recompute(tmp_path):
     # the audit log: every update signed by its site, every epsilon recomputed; each site's ledger agrees with it
     report = verify_run(result.run_dir)
     assert report.ok, report.problems
-    assert report.site_signatures == 6 and report.epsilons_checked == 6 + 3
+    assert report.site_signatures == 6 and report.epsilons_checked == 6 + 3 + 1  # sites', server's, declared budget
     for name in ("site-0", "site-1"):
         out = CliRunner().invoke(app, ["audit", "cross-check", str(result.run_dir), str(tmp_path / "state" / "sites" / name)])
         assert out.exit_code == 0 and "all 3 receipts of this run agree" in out.output, out.output
