@@ -12,8 +12,8 @@ from common.audit_verify import cross_check, verify_run
 from common.cli import ExitCode, report_problem, stdout_console
 from common.errors import ConfigError
 from common.errors import DataError
-from common.receipt_ledger import read_receipts, site_public_key_path
-from common.signing import load_public_key
+from common.receipt_ledger import read_receipts, site_key_path, site_public_key_path
+from common.signing import load_or_create_key, load_public_key, public_hex
 
 __all__ = ["audit_app"]
 
@@ -55,12 +55,14 @@ def cross_check_site(
     site_state_dir: Annotated[Path, typer.Argument(help="The site's state-dir (its key and receipts.jsonl).")],
 ) -> None:
     """Hold a site's own receipt ledger against RUN_DIR's audit log, round by round (and verify the log)."""
-    key_file = site_public_key_path(site_state_dir)
-    if not key_file.is_file() or not (run_dir / AUDIT_FILE).is_file():
+    key_file, private = site_public_key_path(site_state_dir), site_key_path(site_state_dir)
+    if not (key_file.is_file() or private.is_file()) or not (run_dir / AUDIT_FILE).is_file():
         report_problem(f"need {key_file} and {run_dir / AUDIT_FILE}; give a site's state-dir and a run folder")
         raise typer.Exit(ExitCode.BAD_INPUT)
     try:
-        problems, agreed = cross_check(run_dir, read_receipts(site_state_dir), load_public_key(key_file))
+        # the public key; at the site itself (a state-dir from before .pub files), derived from its private key
+        site_key = load_public_key(key_file) if key_file.is_file() else public_hex(load_or_create_key(private))
+        problems, agreed = cross_check(run_dir, read_receipts(site_state_dir), site_key)
     except (OSError, ConfigError, DataError) as exc:
         report_problem(exc)
         raise typer.Exit(ExitCode.BAD_INPUT) from None
