@@ -22,7 +22,7 @@ from typing import Any
 
 from common.audit_log import AUDIT_FILE, AUDIT_KINDS, GENESIS, format_line, read_audit_lines, record_sha256
 from common.hashing import sha256_safetensors
-from common.privacy import PRV_EPS_ERROR, DPEvent, PrivacyError, independent_central_epsilon, independent_epsilon
+from common.privacy import PRV_EPS_ERROR, DPEvent, independent_central_epsilon, independent_epsilon
 from common.protocol import receipt_payload
 from common.signing import verify_hex
 
