@@ -12,10 +12,12 @@ import os
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is not imported for hashing: the CLI starts without it
+    import torch
 
 __all__ = ["canonical_json", "sha256_json", "sha256_tensor", "sha256_arrays", "sha256_safetensors", "sha256_file"]
 
@@ -31,7 +33,7 @@ def sha256_json(obj: Any) -> str:
 
 
 def _as_numpy(value: torch.Tensor | np.ndarray) -> np.ndarray:
-    if isinstance(value, torch.Tensor):
+    if hasattr(value, "detach"):  # a torch.Tensor
         return value.detach().cpu().contiguous().numpy()
     return np.ascontiguousarray(value)
 
