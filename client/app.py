@@ -26,7 +26,7 @@ from client.privacy_ledger import PrivacyLedger
 from client.receipts import sign_train_reply
 from client.privacy_round import check_policy, plan_round, train_round_privately
 from client.site_data import SiteData, load_site_data
-from client.training import evaluate_locally, train_locally
+from client.training import evaluate_with_class_recall, train_locally
 from common.config import RunConfig, build_run_config
 from common.errors import FedHeadError, FingerprintError, public_reason
 from common.exchange import load_arrayrecord, to_arrayrecord
@@ -167,9 +167,11 @@ def _train(site: _Site) -> RecordDict:
 def _evaluate(site: _Site) -> RecordDict:
     data = site.data
     val_source = build_feature_source(site.model, data.val, cache=site.cache, augment_views=0, seed=site.cfg.seed, label=f"{data.name} val")
-    scores = evaluate_locally(site.model.trainable, val_source, data.val.labels, site.cfg.num_classes) if len(data.val) else {}
+    scores, class_recall = {}, {}
+    if len(data.val):
+        scores, class_recall = evaluate_with_class_recall(site.model.trainable, val_source, data.val.labels, site.cfg.num_classes)
     metrics = EvaluateMetrics(num_examples=len(data.val), backbone_forwards_eval=val_source.forwards, **scores)
-    return build_evaluate_content(metrics, site.info)
+    return build_evaluate_content(metrics, site.info, class_recall)
 
 
 @app.train()

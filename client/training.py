@@ -12,10 +12,10 @@ from torch import nn
 
 from client.feature_source import FeatureSource
 from common.config import RunConfig
-from common.metrics import classification_metrics
+from common.metrics import classification_metrics, confusion_matrix, recall_by_class
 from common.model import trainable_parameters
 
-__all__ = ["TrainReport", "build_optimizer", "train_locally", "evaluate_locally"]
+__all__ = ["TrainReport", "build_optimizer", "train_locally", "evaluate_locally", "evaluate_with_class_recall"]
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +60,15 @@ def _predict(trainable: nn.Module, source: FeatureSource, batch_size: int = 1024
 
 def evaluate_locally(trainable: nn.Module, source: FeatureSource, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
     """Loss, accuracy, precision, recall, F1 and AUROC of ``trainable`` on ``source``."""
-    if len(source) == 0:
-        return classification_metrics(torch.empty(0, num_classes), labels, num_classes)
-    return classification_metrics(_predict(trainable, source), labels, num_classes)
+    return evaluate_with_class_recall(trainable, source, labels, num_classes)[0]
+
+
+def evaluate_with_class_recall(
+    trainable: nn.Module, source: FeatureSource, labels: torch.Tensor, num_classes: int
+) -> tuple[dict[str, float], dict[int, float]]:
+    """:func:`evaluate_locally`'s scores and the recall of each class present in ``labels``, from one pass."""
+    logits = _predict(trainable, source) if len(source) else torch.empty(0, num_classes)
+    return classification_metrics(logits, labels, num_classes), recall_by_class(confusion_matrix(logits, labels, num_classes))
 
 
 def train_locally(

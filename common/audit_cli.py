@@ -15,9 +15,20 @@ from common.errors import DataError
 from common.receipt_ledger import read_receipts, site_key_path, site_public_key_path
 from common.signing import load_or_create_key, load_public_key, public_hex
 
-__all__ = ["audit_app"]
+__all__ = ["audit_app", "trusted_keys"]
 
 audit_app = typer.Typer(name="audit", help="Check a finished run's signed audit log.", no_args_is_help=True)
+
+
+def trusted_keys(key: Path | None, site_keys: Path | None) -> tuple[str | None, dict[str, str]]:
+    """The server key and the sites' keys an auditor pins (hex); a key that cannot be read exits BAD_INPUT."""
+    try:
+        pinned = load_public_key(key) if key is not None else None
+        sites = {p.stem: load_public_key(p) for p in sorted(site_keys.glob("*.pub"))} if site_keys is not None else {}
+    except (OSError, ConfigError) as exc:
+        report_problem(f"cannot read the keys given: {exc}")
+        raise typer.Exit(ExitCode.BAD_INPUT) from None
+    return pinned, sites
 
 
 @audit_app.command("verify")
@@ -33,12 +44,7 @@ def verify(
     ] = None,
 ) -> None:
     """Check the chain, hashes, signatures (server's and sites'), head hashes and every epsilon of RUN_DIR's audit.jsonl."""
-    try:
-        pinned = load_public_key(key) if key is not None else None
-        sites = {p.stem: load_public_key(p) for p in sorted(site_keys.glob("*.pub"))} if site_keys is not None else {}
-    except (OSError, ConfigError) as exc:
-        report_problem(f"cannot read the keys given: {exc}")
-        raise typer.Exit(ExitCode.BAD_INPUT) from None
+    pinned, sites = trusted_keys(key, site_keys)
     report = verify_run(run_dir, key=pinned, site_keys=sites)
     if report.ok:
         stdout_console().print(report.summary_line(run_dir), soft_wrap=True)

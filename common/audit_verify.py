@@ -92,6 +92,7 @@ class _Verifier:
         self.central_releases = 0
         self.central_epsilon: float | None = None
         self.rounds_aggregated = 0
+        self.classes: list[Any] | None = None  # the run's classes, as its run-start record declares them
 
     def problem(self, where: str, message: str) -> None:
         self.report.problems.append(f"{where}: {message}")
@@ -186,6 +187,7 @@ class _Verifier:
     def _start(self, where: str, content: dict[str, Any]) -> None:
         """The declared privacy; a declared client-level budget must be what its noise gives over the run."""
         self.privacy = dict(content["privacy"] or {})
+        self.classes = content["classes"] if isinstance(content["classes"], list) else None
         self.last_head = content["initial_head_sha256"]
         self.central = dict(self.privacy.get("central") or {})
         if self.privacy.get("dp") in ("central", "both") and not self.central:
@@ -359,6 +361,22 @@ class _Verifier:
         largest = max(self.site_epsilon.values(), default=None)
         if not _same(content["max_epsilon"], largest):
             self.problem(where, f"max_epsilon {content['max_epsilon']!r} is not the largest site epsilon {largest!r}")
+        if content.get("confusion_matrix") is not None:
+            self._confusion(where, content["confusion_matrix"], content["accuracy"])
+
+    def _confusion(self, where: str, confusion: Any, accuracy: Any) -> None:
+        """The held-out confusion matrix: square over the run's classes, its diagonal giving the reported accuracy."""
+        classes = self.classes
+        counts = confusion.get("counts") if isinstance(confusion, dict) else None
+        n = len(classes) if isinstance(classes, list) else -1
+        if (not isinstance(counts, list) or len(counts) != n or confusion.get("classes") != classes or not all(
+                isinstance(row, list) and len(row) == n and all(isinstance(c, int) and c >= 0 for c in row) for row in counts)):
+            self.problem(where, f"the confusion matrix is not {n} x {n} counts over the run's classes")
+            return
+        total = sum(map(sum, counts))
+        correct = sum(counts[i][i] for i in range(n))
+        if not total or not isinstance(accuracy, float) or abs(correct / total - accuracy) > 1e-9:
+            self.problem(where, f"the confusion matrix gives accuracy {correct}/{total}, the run-end record {accuracy!r}")
 
 
 def _same(reported: Any, expected: float | None) -> bool:

@@ -88,6 +88,7 @@ class RunConfig:
     examples_per_site: int = 0
     val_fraction: float = 0.1
     server_eval_data: str = ""
+    enrolment: str = ""  # the federation's enrolment.json: node id -> site name (fedhead federation enrol)
     # privacy: record-level DP-SGD at the sites ('sample'), client-level DP at the server ('central'), or both
     dp: str = "none"
     accountant: str = "rdp"

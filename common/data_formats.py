@@ -243,3 +243,27 @@ def empty_classes(split: Split, class_names: Sequence[str]) -> list[str]:
     """The classes with no example in ``split`` (to warn about: a non-IID site may lack some)."""
     present = set(split.labels.tolist())
     return [name for i, name in enumerate(class_names) if i not in present]
+
+
+def folder_name(class_name: str) -> str:
+    """A class name usable as one folder name ("T-shirt/top" -> "T-shirt-top")."""
+    return class_name.replace("/", "-").replace("\\", "-").strip() or "_"
+
+
+def write_site_folder(splits: dict[str, Split], root: str | Path, class_names: Sequence[str]) -> Path:
+    """Write ``splits`` ("train", "val") as PNG files under ``root/<split>/<class>/``, the layout :func:`read_site_folder` reads.
+
+    Class folders are named by :func:`folder_name`; give the run the same names.
+    """
+    root = Path(root)
+    for split_name, split in splits.items():
+        for i, (image, label) in enumerate(zip(split.images, split.labels.tolist())):
+            folder = root / split_name / folder_name(class_names[label])
+            folder.mkdir(parents=True, exist_ok=True)
+            array = np.asarray(image, dtype=np.uint8)
+            if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3):
+                array = np.moveaxis(array, 0, -1)  # (C, H, W) -> (H, W, C)
+            if array.ndim == 3 and array.shape[-1] == 1:
+                array = array[..., 0]
+            Image.fromarray(array).save(folder / f"{i:06d}.png")
+    return root

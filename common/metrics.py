@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-__all__ = ["METRIC_NAMES", "classification_metrics", "weighted_mean"]
+__all__ = ["METRIC_NAMES", "classification_metrics", "confusion_matrix", "recall_by_class", "weighted_mean"]
 
 METRIC_NAMES = ("loss", "accuracy", "precision", "recall", "f1", "auroc")
 
@@ -53,3 +53,15 @@ def weighted_mean(values: list[float], weights: list[float]) -> float:
     pairs = [(v, w) for v, w in zip(values, weights) if v == v and w > 0]
     total = sum(w for _, w in pairs)
     return float(sum(v * w for v, w in pairs) / total) if total else float("nan")
+
+
+def confusion_matrix(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[list[int]]:
+    """Counts of (true class, predicted class): row ``i`` holds the examples of class ``i`` by their prediction."""
+    pairs = labels.detach().cpu().long() * num_classes + logits.detach().argmax(dim=1).cpu().long()
+    counts = torch.bincount(pairs, minlength=num_classes * num_classes)
+    return counts.reshape(num_classes, num_classes).tolist()
+
+
+def recall_by_class(matrix: list[list[int]]) -> dict[int, float]:
+    """Recall of each class that has examples in ``matrix`` (a :func:`confusion_matrix`); absent classes are left out."""
+    return {c: row[c] / sum(row) for c, row in enumerate(matrix) if sum(row)}

@@ -27,6 +27,7 @@ __all__ = [
     "SITE_RECORD",
     "PRIVACY_RECORD",
     "RECEIPT_RECORD",
+    "CLASS_RECALL_RECORD",
     "PrivacyReport",
     "Receipt",
     "receipt_payload",
@@ -54,6 +55,7 @@ METRICS_RECORD = "metrics"
 SITE_RECORD = "site"
 PRIVACY_RECORD = "privacy"
 RECEIPT_RECORD = "receipt"
+CLASS_RECALL_RECORD = "class-recall"  # an evaluate reply's recall per class: class index (decimal) -> recall
 
 # ConfigRecord keys the server sends. Flower's strategies set SERVER_ROUND
 # themselves and FedProx sets PROXIMAL_MU.
@@ -309,6 +311,9 @@ def build_train_content(
     return RecordDict(content)
 
 
-def build_evaluate_content(metrics: EvaluateMetrics, site: SiteInfo) -> RecordDict:
-    """A site's evaluate reply: its numbers and who it is (no parameters)."""
-    return RecordDict({METRICS_RECORD: _to_metric_record(metrics), SITE_RECORD: site.to_record()})
+def build_evaluate_content(metrics: EvaluateMetrics, site: SiteInfo, class_recall: dict[int, float] | None = None) -> RecordDict:
+    """A site's evaluate reply: its numbers, who it is and, when it has examples, its recall per class present."""
+    content = {METRICS_RECORD: _to_metric_record(metrics), SITE_RECORD: site.to_record()}
+    if class_recall:
+        content[CLASS_RECALL_RECORD] = MetricRecord({str(c): float(r) for c, r in sorted(class_recall.items())})
+    return RecordDict(content)

@@ -9,6 +9,7 @@ is used anywhere else.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from common.hashing import sha256_arrays
 from common.protocol import (
     ARRAYS_RECORD,
     BACKBONE_SHA256,
+    CLASS_RECALL_RECORD,
     METRICS_RECORD,
     PRIVACY_RECORD,
     RECEIPT_RECORD,
@@ -92,6 +94,7 @@ class EvaluateReply:
     node_id: int
     site: SiteInfo
     metrics: EvaluateMetrics
+    class_recall: dict[int, float] = dataclasses.field(default_factory=dict)  # class index -> recall, classes present
 
 
 def _parse_site(content: RecordDict, expected_sha256: str, problems: list[str]) -> SiteInfo | None:
@@ -182,12 +185,26 @@ def parse_train_reply(
     return TrainReply(msg.metadata.src_node_id, site, metrics, arrays, digest, privacy, receipt)
 
 
-def parse_evaluate_reply(msg: Message, *, backbone_sha256: str, max_examples: int) -> EvaluateReply:
+def _parse_class_recall(record: MetricRecord, num_classes: int | None, problems: list[str]) -> dict[int, float]:
+    """Class index -> recall, each index a class of the run and each recall in [0, 1]."""
+    recall = {}
+    for key, value in record.items():
+        index = int(key) if re.fullmatch(r"0|[1-9][0-9]{0,4}", key) else None
+        if index is None or (num_classes is not None and index >= num_classes):
+            problems.append(f"class-recall key {short_repr(key)} is not a class index 0..{(num_classes or 1) - 1}")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            problems.append(f"class-recall of class {index} must be a number in [0, 1], got {short_repr(value)}")
+        else:
+            recall[index] = float(value)
+    return recall
+
+
+def parse_evaluate_reply(msg: Message, *, backbone_sha256: str, max_examples: int, num_classes: int | None = None) -> EvaluateReply:
     """Parse an evaluate reply or raise ReplyError listing every problem."""
     _failed(msg)
     problems: list[str] = []
     content = msg.content
-    _check_records(content, {METRICS_RECORD: MetricRecord, SITE_RECORD: ConfigRecord}, problems)
+    _check_records(content, {METRICS_RECORD: MetricRecord, SITE_RECORD: ConfigRecord}, problems, optional={CLASS_RECALL_RECORD: MetricRecord})
     site = _parse_site(content, backbone_sha256, problems) if SITE_RECORD in content.config_records else None
     metrics = None
     if METRICS_RECORD in content.metric_records:
@@ -199,9 +216,14 @@ def parse_evaluate_reply(msg: Message, *, backbone_sha256: str, max_examples: in
         required = {"loss", "accuracy", "precision", "recall", "f1"}
         if metrics.num_examples > 0 and not required <= set(scores):
             problems.append(f"scores missing for {metrics.num_examples} examples: {sorted(required - set(scores))}")
+    class_recall = {}
+    if CLASS_RECALL_RECORD in content.metric_records:
+        class_recall = _parse_class_recall(content.metric_records[CLASS_RECALL_RECORD], num_classes, problems)
+        if class_recall and metrics is not None and metrics.num_examples == 0:
+            problems.append("class-recall reported for 0 examples")
     if problems or site is None or metrics is None:
         raise ReplyError(problems or ["the reply could not be parsed"])
-    return EvaluateReply(msg.metadata.src_node_id, site, metrics)
+    return EvaluateReply(msg.metadata.src_node_id, site, metrics, class_recall)
 
 
 def update_l2_norm(arrays: ArrayRecord, reference: ArrayRecord) -> float:

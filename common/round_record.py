@@ -69,6 +69,7 @@ class SiteEvaluate:
     num_examples: int | None = None
     backbone_forwards_eval: int = 0
     scores: dict[str, float] = field(default_factory=dict)
+    class_recall: dict[str, float] = field(default_factory=dict)  # class index (as text, for JSON) -> recall
 
 
 @dataclass

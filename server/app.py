@@ -12,6 +12,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.benchmarks import load_benchmark
 from common.config import RunConfig, build_run_config
+from common.enrolment import load_enrolment
 from common.errors import DataError
 from common.exchange import load_arrayrecord, to_arrayrecord, trainable_layout
 from common.hashing import sha256_safetensors
@@ -105,7 +106,10 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_id: str = "") -> dict:
     )
     log.info("run folder: %s", folder.root)
     run_id = run_id or uuid.uuid4().hex
-    trail = AuditTrail(folder.root, cfg, run_id=run_id)
+    enrolment = load_enrolment(cfg.enrolment) if cfg.enrolment else None
+    if enrolment is not None:
+        log.info("enrolment: %d sites (%s); nodes are named by it", len(enrolment.sites), ", ".join(sorted(enrolment.sites)))
+    trail = AuditTrail(folder.root, cfg, run_id=run_id, enrolled_keys=enrolment.public_keys if enrolment else None)
     initial = to_arrayrecord(model.trainable)
     inner = build_strategy(cfg)
     central = build_central_dp(inner, cfg) if cfg.central_dp else None
@@ -113,7 +117,10 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_id: str = "") -> dict:
         versions=package_versions(), weights_sha256=model.weights_sha256, head_sha256=arrays_sha256(initial),
         central=central.settings() if central else None,
     )
-    recorder = RoundRecorder(strategy=cfg.strategy, sinks=[MetricsFile(folder.metrics), trail, log_round_row])
+    recorder = RoundRecorder(
+        strategy=cfg.strategy, sinks=[MetricsFile(folder.metrics), trail, log_round_row],
+        enrolled=enrolment.names if enrolment else None,
+    )
     held_out: CentralEvaluator | None = None
 
     def end_of_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -130,8 +137,10 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_id: str = "") -> dict:
         require_privacy=cfg.records_dp,
         central=central,
         run_id=run_id,
+        num_classes=cfg.num_classes,
+        enrolled=enrolment.names if enrolment else None,
     )
-    status, error = "failed", None
+    status, error, confusion = "failed", None, None
     try:
         held_out = _held_out(cfg, model)
         result = strategy.start(
@@ -145,6 +154,8 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_id: str = "") -> dict:
         )
         status, error = run_status(recorder.records, cfg.num_server_rounds)
         if status != "failed":
+            if held_out:
+                confusion = held_out.confusion(result.arrays)
             load_arrayrecord(model.trainable, result.arrays)
             manifest = export_model(model, folder.model_dir, class_names=cfg.class_names)
             write_plots(recorder.records, folder.plots_dir, title=folder.root.name)
@@ -163,6 +174,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_id: str = "") -> dict:
             server_eval_forwards=held_out.forwards if held_out else 0,
             status=status,
             error=error,
+            confusion=confusion,
         )
         folder.write_json("summary.json", summary)
         log.info("summary written to %s (status %s)", folder.root / "summary.json", status)

@@ -69,9 +69,10 @@ def aggregation_weights(cfg: RunConfig, record: RoundRecord) -> dict[str, float]
 class AuditTrail:
     """The run's audit log: signed by the server, one record per event, on disk when written."""
 
-    def __init__(self, run_folder: Path, cfg: RunConfig, *, run_id: str) -> None:
+    def __init__(self, run_folder: Path, cfg: RunConfig, *, run_id: str, enrolled_keys: dict[str, str] | None = None) -> None:
         key = load_or_create_key(server_key_path())
         self.cfg = cfg
+        self.enrolled_keys = dict(enrolled_keys or {})  # site -> the node key the SuperLink authenticates it by
         self.public_key = public_hex(key)
         self.writer = AuditWriter(run_folder / AUDIT_FILE, key, run_id)  # refuses a folder that already has a log
         write_bytes_atomic(run_folder / SERVER_PUB_FILE, public_pem(key))
@@ -93,7 +94,7 @@ class AuditTrail:
             "num_server_rounds": cfg.num_server_rounds,
             "privacy": dp_settings(cfg, central),
             "server_public_key": self.public_key,
-            "enrolled_site_keys": {},  # node enrolment comes with authenticated deployment
+            "enrolled_site_keys": self.enrolled_keys,
             "initial_head_sha256": head_sha256,
         })
 
@@ -122,4 +123,5 @@ class AuditTrail:
             "accuracy": summary.get("accuracy"),
             "max_epsilon": summary.get("max_epsilon"),
             "client_epsilon": summary.get("client_epsilon"),
+            "confusion_matrix": summary.get("confusion_matrix"),
         })

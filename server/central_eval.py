@@ -16,7 +16,7 @@ from common.data_formats import read_npz
 from common.errors import DataError
 from common.exchange import load_arrayrecord
 from common.features import extract_features
-from common.metrics import classification_metrics
+from common.metrics import classification_metrics, confusion_matrix
 from common.model import SplitModel
 
 __all__ = ["CentralEvaluator", "load_eval_arrays"]
@@ -47,10 +47,16 @@ class CentralEvaluator:
         self.features = extract_features(model.trunk, model.preprocessing, images, description="held-out set")
         self.forwards = len(images)
 
-    def __call__(self, arrays: ArrayRecord) -> dict[str, float]:
-        """Metrics of ``arrays`` (the trainable part) on the held-out set."""
+    def _logits(self, arrays: ArrayRecord) -> torch.Tensor:
         load_arrayrecord(self.model.trainable, arrays)
         self.model.trainable.eval()
         with torch.no_grad():
-            logits = torch.cat([self.model.trainable(chunk) for chunk in self.features.split(2048)])
-        return classification_metrics(logits, self.labels, self.num_classes)
+            return torch.cat([self.model.trainable(chunk) for chunk in self.features.split(2048)])
+
+    def __call__(self, arrays: ArrayRecord) -> dict[str, float]:
+        """Metrics of ``arrays`` (the trainable part) on the held-out set."""
+        return classification_metrics(self._logits(arrays), self.labels, self.num_classes)
+
+    def confusion(self, arrays: ArrayRecord) -> list[list[int]]:
+        """The held-out set's confusion matrix under ``arrays``: rows true classes, columns predictions."""
+        return confusion_matrix(self._logits(arrays), self.labels, self.num_classes)

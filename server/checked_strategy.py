@@ -10,7 +10,7 @@ parse never reaches aggregation, and the server never raises on one) and the
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -46,7 +46,11 @@ class CheckedStrategy(Strategy):
         require_privacy: bool = False,
         central: CentralDP | None = None,
         run_id: str = "",
+        num_classes: int | None = None,
+        enrolled: Mapping[int, str] | None = None,
     ) -> None:
+        self.enrolled = dict(enrolled) if enrolled is not None else None  # node id -> site name, when the federation enrols its sites
+        self.num_classes = num_classes  # bounds the class indices of the sites' recall per class
         self.run_id = run_id  # what the sites sign their replies for
         self.inner = central.strategy if central is not None else inner
         self.central = central
@@ -102,6 +106,10 @@ class CheckedStrategy(Strategy):
             except ReplyError as exc:
                 self._problem(server_round, "train", msg, exc)
                 continue
+            stranger = self._not_enrolled(reply.node_id, reply.site.name)
+            if stranger:
+                self._problem(server_round, "train", msg, ReplyError([stranger]))
+                continue
             if reply.privacy is not None:
                 understated = self._understated_epsilon(reply)
                 if understated:
@@ -139,6 +147,17 @@ class CheckedStrategy(Strategy):
         )
         return arrays, metrics
 
+    def _not_enrolled(self, node_id: int, claimed: str) -> str | None:
+        """A problem if the federation enrols its sites and this node is not enrolled under the name it claims."""
+        if self.enrolled is None:
+            return None
+        enrolled = self.enrolled.get(node_id)
+        if enrolled is None:
+            return f"node {node_id} is not in the federation's enrolment"
+        if claimed != enrolled:
+            return f"the reply names itself {claimed!r}, but node {node_id} is enrolled as {enrolled!r}"
+        return None
+
     def _central_report(self, released: bool) -> dict | None:
         return self.central.round_report(released) if self.central is not None else None
 
@@ -175,9 +194,15 @@ class CheckedStrategy(Strategy):
         """Parse and record evaluation replies; the weighted averages are the round record's."""
         for msg in replies:
             try:
-                reply = parse_evaluate_reply(msg, backbone_sha256=self.backbone_sha256, max_examples=self.max_examples)
+                reply = parse_evaluate_reply(
+                    msg, backbone_sha256=self.backbone_sha256, max_examples=self.max_examples, num_classes=self.num_classes
+                )
             except ReplyError as exc:
                 self._problem(server_round, "evaluate", msg, exc)
+                continue
+            stranger = self._not_enrolled(reply.node_id, reply.site.name)
+            if stranger:
+                self._problem(server_round, "evaluate", msg, ReplyError([stranger]))
                 continue
             self.recorder.evaluate_accepted(server_round, reply, nbytes=message_bytes(msg))
         return None

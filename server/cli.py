@@ -1,4 +1,4 @@
-"""``fedhead show RUN_DIR``: a run's rounds, sites and summary as tables.
+"""``fedhead show RUN_DIR``: a run's rounds, sites and summary as tables; ``fedhead report RUN_DIR``: the same as a page.
 
 The tables are drawn from the typed round records of ``metrics.jsonl``
 (:class:`common.round_record.RoundRecord`) and from ``summary.json``; the same
@@ -21,7 +21,7 @@ from rich.text import Text
 from common.cli import ExitCode, report_problem, stdout_console
 from common.round_record import RoundRecord, load_round_records
 
-__all__ = ["round_table", "site_table", "summary_table", "print_run", "show"]
+__all__ = ["round_table", "site_table", "summary_table", "print_run", "show", "report"]
 
 _STATUS_STYLE = {"finished": "green", "degraded": "yellow", "interrupted": "yellow", "failed": "red"}
 
@@ -170,3 +170,36 @@ def show(run_dir: Annotated[Path, typer.Argument(help="A run folder, e.g. runs/<
         report_problem(f"{run_dir} is not a run folder (no metrics.jsonl or summary.json in it)")
         raise typer.Exit(ExitCode.BAD_INPUT)
     print_run(run_dir)
+
+
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder, e.g. runs/<name>.")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Where to write the page (default: RUN_DIR/report.html).")] = None,
+    key: Annotated[Path | None, typer.Option(help="The server's public key you trust (PEM, or 64 hex digits).")] = None,
+    site_keys: Annotated[Path | None, typer.Option(help="A folder of sites' public keys you trust, one <site-name>.pub each.")] = None,
+) -> None:
+    """Write one self-contained HTML page of a run: its facts, the audit log's verification, rounds, plots and fairness.
+
+    The page needs no network (figures are embedded) and holds no path, image
+    or per-example value. It is written even when the log does not verify, and
+    then says so at the top; `fedhead audit verify` gives the exit code to act on.
+    """
+    from common.audit_cli import trusted_keys
+    from common.errors import DataError
+    from server.report import write_report  # matplotlib and jinja2: only when a page is drawn
+
+    pinned, sites = trusted_keys(key, site_keys)
+    try:
+        path, evidence = write_report(run_dir, out, key=pinned, site_keys=sites)
+    except (DataError, OSError) as exc:
+        report_problem(exc)
+        raise typer.Exit(ExitCode.BAD_INPUT) from None
+    console = stdout_console()
+    verification = evidence.verification
+    if verification is None:
+        console.print(f"{run_dir} has no audit log: the report shows metrics.jsonl, unsigned", soft_wrap=True)
+    elif verification.ok:
+        console.print(verification.summary_line(run_dir), soft_wrap=True)
+    else:
+        report_problem(f"{verification.summary_line(run_dir)}; the report lists them at the top")
+    console.print(f"report written to {path}", soft_wrap=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from flwr.app import ArrayRecord, Message
 
@@ -60,14 +60,14 @@ def short_reason(reason: str, limit: int = 400) -> str:
 class RoundRecorder:
     """Collects one round at a time; :meth:`finish` closes it and feeds the sinks."""
 
-    def __init__(self, *, strategy: str, sinks: Iterable[Sink] = ()) -> None:
+    def __init__(self, *, strategy: str, sinks: Iterable[Sink] = (), enrolled: Mapping[int, str] | None = None) -> None:
         self.strategy = strategy
         self.sinks = list(sinks)
         self.records: list[RoundRecord] = []
         self._open: dict[int, RoundRecord] = {}
         self._sent: dict[tuple[int, str], dict[int, int]] = {}
         self._messages: dict[tuple[int, str], list[Message]] = {}
-        self._node_names: dict[int, str] = {}
+        self._node_names: dict[int, str] = dict(enrolled or {})  # enrolled nodes are named by the enrolment
         self._round_started = time.monotonic()
 
     def _round(self, server_round: int) -> RoundRecord:
@@ -149,6 +149,7 @@ class RoundRecorder:
             num_examples=reply.metrics.num_examples,
             backbone_forwards_eval=reply.metrics.backbone_forwards_eval,
             scores=reply.metrics.scores(),
+            class_recall={str(c): r for c, r in sorted(reply.class_recall.items())},
         )
 
     def problem(

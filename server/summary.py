@@ -69,6 +69,7 @@ def build_summary(
     server_eval_forwards: int,
     status: str,
     error: str | None = None,
+    confusion: list[list[int]] | None = None,
 ) -> dict[str, Any]:
     """Final accuracy and F1, rounds, time, problems, privacy, bytes and backbone work of a run."""
     history = [r for r in records if r.round > 0]
@@ -103,6 +104,8 @@ def build_summary(
         "macro_f1": final.get("f1"),
         "test": central or None,
         "federated_eval": federated or None,
+        # the final model on the held-out set: rows are true classes, columns predictions, in "classes" order
+        "confusion_matrix": {"classes": list(cfg.class_names), "counts": confusion} if confusion else None,
         "head_sha256": last.head_sha256_after if last else None,
         "dp": cfg.dp,
         "max_epsilon": (privacy := _privacy(cfg, history))["max_epsilon"],  # record-level, at the sites

@@ -1,6 +1,8 @@
 """The ``fedhead`` command line, assembled: each command group is defined beside the code it serves.
 
-``site`` (client/cli.py), ``show`` (server/cli.py), ``weights`` (common/cli.py),
+``site`` (client/cli.py), ``show`` and ``report`` (server/cli.py), ``weights``
+(common/cli.py), ``audit`` (common/audit_cli.py), ``federation``
+(simulations/federation_cli.py), ``privacy-sweep`` (simulations/sweep.py),
 ``simulate`` and ``bench`` (here). Exit codes are :class:`common.cli.ExitCode`'s;
 every problem is one ``fedhead: ...`` line on stderr.
 """
@@ -10,10 +12,8 @@ from __future__ import annotations
 import logging
 import os
 import platform
-import re
 import sys
 from importlib import metadata
-from pathlib import Path
 from typing import Annotated
 
 import click
@@ -23,9 +23,10 @@ from rich.table import Table
 from client.cli import site_app
 from common.audit_cli import audit_app
 from common.cli import ExitCode, check_run_name, exit_code_for_error, parse_run_config, report_problem, stdout_console, weights_app
-from common.errors import DataError, FedHeadError
+from common.errors import FedHeadError
 from common.logs import LOG_LEVELS, configure_logging
-from server.cli import print_run, show
+from server.cli import report, show
+from simulations.federation_cli import federation_app
 from simulations.sweep import privacy_sweep
 
 __all__ = ["app", "main"]
@@ -47,8 +48,10 @@ app = typer.Typer(
 )
 app.add_typer(site_app)
 app.add_typer(audit_app)
+app.add_typer(federation_app)
 app.add_typer(weights_app)
 app.command("show")(show)
+app.command("report")(report)
 app.command("privacy-sweep")(privacy_sweep)
 
 
@@ -83,31 +86,6 @@ def _root(
     logging.getLogger("flwr").setLevel(logging.WARNING)
 
 
-_ROW = re.compile(r"(INFO|WARNING|ERROR) (server|client|common|simulations)[\w.]*: (.*)")
-
-
-def _stream_filter(verbose: bool):
-    """What of Flower's stream to print: our own log lines (and errors); everything with ``verbose``."""
-
-    def show_line(line: str) -> None:
-        match = _ROW.search(line)
-        if verbose:
-            print(line, flush=True)
-        elif match:
-            print(("" if match.group(1) == "INFO" else match.group(1) + ": ") + match.group(3), flush=True)
-        elif "Error" in line or "Traceback" in line or "exception" in line.lower():
-            print(line, flush=True)
-
-    return show_line
-
-
-def _print_run(run_dir: Path) -> None:
-    try:
-        print_run(run_dir, stdout_console())
-    except DataError as exc:
-        report_problem(f"cannot show the run's tables: {exc}")
-
-
 @app.command(epilog=EXIT_CODES)
 def simulate(
     sites: Annotated[int, typer.Option(min=1, help="Number of simulated sites.")] = 4,
@@ -126,27 +104,10 @@ def simulate(
         check_run_name(name)
     check_run_target(num_sites=sites, name=name or "", overrides=overrides)  # refuse bad input in a blink
 
-    from simulations.processes import stop_on_signals
-    from simulations.runner import SimulationError, SimulationInterrupted, run_simulation
+    from simulations.run_output import run_and_report
+    from simulations.runner import run_simulation
 
-    with stop_on_signals():
-        try:
-            result = run_simulation(num_sites=sites, name=name or "", overrides=overrides, on_line=_stream_filter(verbose))
-        except SimulationInterrupted as exc:
-            _print_run(exc.run_dir)
-            report_problem(str(exc))
-            raise typer.Exit(ExitCode.INTERRUPTED) from None
-        except SimulationError as exc:
-            if exc.run_dir is not None:
-                _print_run(exc.run_dir)
-            raise
-        except KeyboardInterrupt:
-            report_problem("interrupted before the run started; nothing of it is left running")
-            raise typer.Exit(ExitCode.INTERRUPTED) from None
-        _print_run(result.run_dir)
-    if result.summary.get("status") == "degraded":
-        report_problem(f"the run is degraded: {result.summary.get('error')}")
-        raise typer.Exit(ExitCode.DEGRADED)
+    run_and_report(lambda on_line: run_simulation(num_sites=sites, name=name or "", overrides=overrides, on_line=on_line), verbose)
 
 
 @app.command()

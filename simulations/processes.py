@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -40,6 +41,7 @@ __all__ = [
     "find_by_env",
     "process_group",
     "superlink",
+    "SuperLinkTLS",
     "write_connection",
 ]
 
@@ -112,16 +114,18 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
     return env
 
 
-def wait_healthy(port: int, process: subprocess.Popen, log_file: Path, timeout: float = 60.0) -> None:
-    """Wait until a SuperLink answers /health on ``port``; raise if it exits or times out."""
+def wait_healthy(port: int, process: subprocess.Popen, log_file: Path, timeout: float = 60.0, *, tls: bool = False) -> None:
+    """Wait until a SuperLink answers /health on ``port`` (over TLS if ``tls``); raise if it exits or times out."""
     import httpx
 
     deadline = time.monotonic() + timeout
+    url = f"{'https' if tls else 'http'}://127.0.0.1:{port}/health"
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise FlowerProcessError(f"flower-superlink exited with code {process.returncode}; see {log_file}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=0.5).is_success:
+            # only "is it up?" on loopback: the certificate is the sites' to check (an expired one must still start)
+            if httpx.get(url, timeout=0.5, verify=False).is_success:
                 return
         except httpx.HTTPError:
             pass
@@ -183,21 +187,41 @@ def process_group(command: list[str], env: dict[str, str], log_file: Path) -> It
             process.wait(timeout=5)
 
 
+@dataclass(frozen=True)
+class SuperLinkTLS:
+    """What a SuperLink serves TLS with, and whether it admits only registered SuperNodes."""
+
+    ca_cert: Path
+    cert: Path
+    key: Path
+    authenticate_nodes: bool = True
+
+    def flags(self) -> list[str]:
+        """``flower-superlink``'s TLS (and node authentication) flags."""
+        flags = ["--ssl-ca-certfile", str(self.ca_cert), "--ssl-certfile", str(self.cert), "--ssl-keyfile", str(self.key)]
+        return flags + (["--enable-supernode-auth"] if self.authenticate_nodes else [])
+
+
 @contextlib.contextmanager
-def superlink(flwr_home: Path, env: dict[str, str], *, simulation: bool) -> Iterator[int]:
-    """A SuperLink on a free loopback port, ready when entered, stopped on exit; yields its port."""
+def superlink(flwr_home: Path, env: dict[str, str], *, simulation: bool, tls: SuperLinkTLS | None = None) -> Iterator[int]:
+    """A SuperLink on a free loopback port, ready when entered, stopped on exit; yields its port.
+
+    Without ``tls`` it runs ``--insecure`` (local simulations only).
+    """
     port = free_port()
     log_file = flwr_home / f"superlink-{port}.log"
-    command = ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port)]
+    command = ["flower-superlink", *(tls.flags() if tls else ["--insecure"]), "--host", "127.0.0.1", "--port", str(port)]
     if simulation:
         command += ["--simulation", "--isolation", "subprocess"]
     with process_group(command, env, log_file) as process:
-        wait_healthy(port, process, log_file)
+        wait_healthy(port, process, log_file, tls=tls is not None)
         yield port
 
 
-def write_connection(flwr_home: Path, port: int, name: str = "fedhead-sim") -> str:
-    """Write FLWR_HOME/config.toml with one insecure loopback connection; return its name."""
-    config = {"superlink": {"default": name, name: {"address": f"127.0.0.1:{port}", "insecure": True}}}
+def write_connection(flwr_home: Path, port: int, name: str = "fedhead-sim", *, ca_cert: Path | None = None, host: str = "127.0.0.1") -> str:
+    """Write FLWR_HOME/config.toml with one connection to ``host:port`` (TLS trusting ``ca_cert``, else insecure); return its name."""
+    connection: dict[str, object] = {"address": f"{host}:{port}"}
+    connection.update({"root-certificates": str(ca_cert)} if ca_cert else {"insecure": True})
+    config = {"superlink": {"default": name, name: connection}}
     (flwr_home / "config.toml").write_text(tomli_w.dumps(config))
     return name

@@ -7,7 +7,7 @@ folder before it loads the runner.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,18 @@ class RunTarget:
     run_dir: Path
     run_name: str
     state: Path
+
+    def resolved(self, held_out: Path, classes: Sequence[str], num_sites: int) -> dict[str, Any]:
+        """The overrides a run is submitted with: these plus the prepared held-out set, classes, run folder and min-sites."""
+        overrides = self.overrides
+        return {
+            **overrides,
+            "server-eval-data": str(overrides.get("server-eval-data") or held_out),
+            "classes": ",".join(classes),
+            "run-dir": str(self.run_dir),
+            "run-name": self.run_name,
+            "min-sites": min(int(overrides.get("min-sites", self.cfg.min_sites)), num_sites),
+        }
 
 
 def check_run_target(

@@ -52,6 +52,11 @@ __all__ = [
     "SimulationError",
     "SimulationInterrupted",
     "run_simulation",
+    "submit_run",
+    "run_status_of",
+    "stop_everything",
+    "judge_run",
+    "interrupted_run",
     "project_root",
     "parse_run_config",
     "free_port",
@@ -90,7 +95,7 @@ class SimulationResult:
     summary: dict[str, Any]
 
 
-def _run_status(env: dict[str, str], connection: str) -> str | None:
+def run_status_of(env: dict[str, str], connection: str) -> str | None:
     """Status of the run on our own SuperLink (it only ever holds this one run); None if unreadable."""
     try:
         result = subprocess.run(
@@ -119,37 +124,47 @@ def run_simulation(
     """
     root = project_root()
     target = check_run_target(num_sites=num_sites, name=name, overrides=overrides, state_dir=state_dir)
-    cfg, overrides, run_dir, run_name, state = target.cfg, target.overrides, target.run_dir, target.run_name, target.state
+    cfg, run_dir, run_name, state = target.cfg, target.run_dir, target.run_name, target.state
     federation = prepare_federation(cfg, num_sites, cache_root=state)
-    resolved: dict[str, Any] = {
-        **overrides,
-        "server-eval-data": str(overrides.get("server-eval-data") or federation.test_path),
-        "classes": ",".join(federation.classes),
-        "run-dir": str(run_dir),
-        "run-name": run_name,
-        "min-sites": min(int(overrides.get("min-sites", cfg.min_sites)), num_sites),
-    }
-    cfg = build_run_config(resolved)
-    model = build_split_model(cfg)  # weights present and verified before any process starts
-    run_config = {k: v for k, v in cfg.to_run_config().items() if k in resolved}
+    resolved = target.resolved(federation.test_path, federation.classes, num_sites)
     flwr_home = state / "flwr-home" / run_name  # one per run: concurrent simulations never share it
-    flwr_home.mkdir(parents=True, exist_ok=True)
-    env = flower_env(flwr_home)
-    env[FEDHEAD_HOME_ENV] = str(state)  # simulated sites keep their state, and find their partitions, here
-    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False, dir=flwr_home) as fh:
-        fh.write(tomli_w.dumps(run_config))
-        run_config_file = fh.name
     federation_config = f"num-supernodes={num_sites} client-resources-num-cpus={cpus_per_site}"
     log.info("simulating %d sites; run folder %s", num_sites, run_dir / run_name)
+    return submit_run(
+        resolved, state=state, flwr_home=flwr_home,
+        launch=lambda env, run_config: _run_flower(root, flwr_home, env, run_config, federation_config, on_line),
+    )
+
+
+def submit_run(
+    resolved: dict[str, Any], *, state: Path, flwr_home: Path,
+    launch: Callable[[dict[str, str], Path], tuple[int, str | None]],
+) -> SimulationResult:
+    """Check ``resolved`` and the model, write the run config, ``launch(env, run_config_file)`` and judge how it ended.
+
+    ``launch`` starts Flower's processes and streams ``flwr run``; it returns
+    flwr's exit code and the run's status. Every Flower process gets
+    ``flwr_home`` as FLWR_HOME and ``state`` as FEDHEAD_HOME.
+    """
+    cfg = build_run_config(resolved)
+    model = build_split_model(cfg)  # weights present and verified before any process starts
+    run_folder = Path(cfg.run_dir) / cfg.run_name
+    run_config = {k: v for k, v in cfg.to_run_config().items() if k in resolved}
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    env = flower_env(flwr_home)
+    env[FEDHEAD_HOME_ENV] = str(state)  # sites keep their state, and simulated ones find their partitions, here
+    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False, dir=flwr_home) as fh:
+        fh.write(tomli_w.dumps(run_config))
+        run_config_file = Path(fh.name)
     started = time.monotonic()
     try:
-        returncode, flwr_status = _run_flower(root, flwr_home, env, Path(run_config_file), federation_config, on_line)
+        returncode, flwr_status = launch(env, run_config_file)
     except KeyboardInterrupt as exc:
         signum = exc.signum if isinstance(exc, StopRequested) else signal.SIGINT
-        raise _interrupted(run_dir / run_name, signal.Signals(signum).name, cfg, model, time.monotonic() - started) from None
+        raise interrupted_run(run_folder, signal.Signals(signum).name, cfg, model, time.monotonic() - started) from None
     finally:
-        Path(run_config_file).unlink(missing_ok=True)
-    return _judge(run_dir / run_name, returncode, flwr_status, cfg, model, time.monotonic() - started)
+        run_config_file.unlink(missing_ok=True)
+    return judge_run(run_folder, returncode, flwr_status, cfg, model, time.monotonic() - started)
 
 
 def _run_flower(
@@ -173,16 +188,16 @@ def _run_flower(
                 if on_line:
                     on_line(line.rstrip("\n"))
             process.wait()
-            return process.returncode, _run_status(env, connection)
+            return process.returncode, run_status_of(env, connection)
     finally:
         try:
-            _stop_everything(flwr_home, process)
+            stop_everything(flwr_home, process)
         except KeyboardInterrupt:  # a first signal mid-sweep; stop_on_signals raises only once, so this one completes
-            _stop_everything(flwr_home, process)
+            stop_everything(flwr_home, process)
             raise
 
 
-def _stop_everything(flwr_home: Path, process: subprocess.Popen | None) -> None:
+def stop_everything(flwr_home: Path, process: subprocess.Popen | None) -> None:
     """Stop ``flwr run`` and every process that carries this run's FLWR_HOME (re-parented ones too)."""
     roots = [process.pid] if process is not None and process.poll() is None else []
     for _ in range(3):  # a process may start another while we stop it
@@ -199,7 +214,7 @@ def _stop_everything(flwr_home: Path, process: subprocess.Popen | None) -> None:
             process.wait(timeout=10)
 
 
-def _interrupted(run_folder: Path, signame: str, cfg: RunConfig, model: SplitModel, seconds: float) -> SimulationInterrupted:
+def interrupted_run(run_folder: Path, signame: str, cfg: RunConfig, model: SplitModel, seconds: float) -> SimulationInterrupted:
     summary = settle_summary(run_folder, status="interrupted", error=f"interrupted by {signame}", cfg=cfg, model=model, wall_seconds=seconds)
     return SimulationInterrupted(
         f"simulation '{run_folder.name}' was interrupted by {signame} after {summary.get('rounds_completed')} "
@@ -209,7 +224,7 @@ def _interrupted(run_folder: Path, signame: str, cfg: RunConfig, model: SplitMod
     )
 
 
-def _judge(run_folder: Path, returncode: int, flwr_status: str | None, cfg: RunConfig, model: SplitModel, seconds: float) -> SimulationResult:
+def judge_run(run_folder: Path, returncode: int, flwr_status: str | None, cfg: RunConfig, model: SplitModel, seconds: float) -> SimulationResult:
     """The result of a run that ended on its own; SimulationError unless it finished or is degraded."""
     summary = read_summary(run_folder)
     how = f"flwr run exited {returncode}, run status {flwr_status}"

@@ -99,3 +99,34 @@ def test_a_policy_with_a_budget_must_name_its_delta(tmp_path, digits_npz, model)
     policy.write_text("max-epsilon = 3.0\n")
     reply = app(_train(model, 1), _context(tmp_path, digits_npz, policy=policy))
     assert reply.has_error() and reply.error.reason.startswith("ConfigError")
+
+
+def test_all_the_server_receives_is_the_head_the_declared_numbers_and_signatures(tmp_path, digits_npz, model):
+    """Every record and value of a site's train and evaluate replies, as they leave the ClientApp (mods included)."""
+    import re
+
+    from flwr.app import ArrayRecord, MetricRecord
+
+    from common.protocol import EvaluateMetrics, PrivacyReport, TrainMetrics, metric_keys
+
+    context = _context(tmp_path, digits_npz)
+    train = app(_train(model, 1), context).content
+    assert set(train) == {"arrays", "metrics", "site", "privacy", "receipt"}
+    assert isinstance(train["arrays"], ArrayRecord)
+    assert {k: tuple(v.shape) for k, v in train["arrays"].items()} == {
+        k: tuple(v.shape) for k, v in to_arrayrecord(model.trainable).items()}  # the head's parameters, nothing else
+    assert isinstance(train["metrics"], MetricRecord) and set(train["metrics"]) <= set(metric_keys(TrainMetrics))
+    assert all(isinstance(v, (int, float)) for v in train["metrics"].values())
+    assert dict(train["site"]) == {"site-name": "haukeland", "backbone-sha256": model.weights_sha256, "skipped-images": 0}
+    privacy = dict(train["privacy"])
+    assert set(privacy) == set(PrivacyReport._KEYS) and privacy["accountant"] == "rdp"
+    assert all(isinstance(v, (int, float)) for k, v in privacy.items() if k != "accountant")
+    assert set(train["receipt"]) == {"public-key", "signature"}
+    assert all(re.fullmatch(r"[0-9a-f]+", v) for v in train["receipt"].values())  # hex: a key and a signature
+    config = _train(model, 1).content["config"]
+    evaluate = app(Message(RecordDict({"arrays": to_arrayrecord(model.trainable), "config": config}), dst_node_id=7,
+                           message_type="evaluate"), context).content
+    assert set(evaluate) == {"metrics", "site", "class-recall"}
+    assert set(evaluate["metrics"]) <= set(metric_keys(EvaluateMetrics))
+    assert set(evaluate["class-recall"]) <= {str(c) for c in range(10)}
+    assert all(0.0 <= v <= 1.0 for v in evaluate["class-recall"].values())

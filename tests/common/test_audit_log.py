@@ -271,3 +271,68 @@ def test_what_the_server_could_write_with_its_own_key_is_named(signed_run, tmp_p
     _write(run_dir, records)
     problems = verify_run(run_dir, key=signed_run[1]).problems
     assert any(words in p for p in problems), problems
+
+
+# The report (`fedhead report`) of the same run: built from the signed log, its verification at the top.
+
+def _report(run_dir: Path, out: Path):
+    result = CliRunner().invoke(app, ["report", str(run_dir), "--out", str(out)])
+    return result, out.read_text() if out.exists() else ""
+
+
+def test_the_report_of_a_verified_run_says_so_and_shows_every_round(signed_run, tmp_path):
+    run_dir = signed_run[0]
+    result, html = _report(run_dir, tmp_path / "report.html")
+    assert result.exit_code == 0 and "audit log verified" in result.output, result.output
+    assert "Verified: audited: audit log verified: 6 records, 3 rounds" in html
+    rounds = html.split('id="round-table"', 1)[1].split("</table>", 1)[0]
+    assert rounds.count("<tr>") == 1 + 4 and "site-21, site-22" in rounds
+    records = _records(run_dir)
+    last = records[-2]["content"]["record"]  # the last round, as signed
+    assert f"{last['central_privacy']['epsilon']:.3f}" in rounds and last["head_sha256_after"][:12] in rounds
+    assert html.count('src="data:image/png;base64,') == 5 and 'id="confusion-table"' in html
+    assert "default-src 'none'" in html and "http://" not in html and "https://" not in html
+    assert str(tmp_path.parent) not in html and str(run_dir) not in html
+
+
+def test_a_report_of_a_tampered_log_is_written_and_flags_the_record(signed_run, tmp_path):
+    run_dir = _copy(signed_run, tmp_path)
+    records = _records(run_dir)
+    index, words = _changed(records, _first_round(records))
+    _write(run_dir, records)
+    result, html = _report(run_dir, tmp_path / "report.html")
+    assert result.exit_code == 0 and "problem(s) in the audit log" in result.output
+    assert "The audit log does not verify" in html
+    assert any(line.startswith(f"record {index} (line {index + 1}): ") and words in line for line in html.split("<li>"))
+
+
+def test_a_run_without_a_log_is_reported_from_its_metrics_unsigned(signed_run, tmp_path):
+    run_dir = _copy(signed_run, tmp_path)
+    (run_dir / "audit.jsonl").unlink()
+    result, html = _report(run_dir, tmp_path / "report.html")
+    assert result.exit_code == 0 and "no audit log" in result.output
+    assert "nothing on this page is signed" in html and html.count("<tr>") > 4
+    missing = CliRunner().invoke(app, ["report", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 2 and "is not a run folder" in missing.output
+
+
+def test_paths_quoted_in_failures_are_redacted():
+    from server.report import redact_paths
+
+    text = "DataError: /srv/oslo/images/scan 3.png cannot be read; C:\\data\\x.dcm too; ~/state/keys is fine?"
+    assert redact_paths(text) == "DataError: <path> 3.png cannot be read; <path> too; <path> is fine?"
+    assert redact_paths("round 2: Node Unavailable (1/2)") == "round 2: Node Unavailable (1/2)"
+
+
+def test_a_report_of_a_hostile_log_is_still_written(signed_run, tmp_path):
+    run_dir = _copy(signed_run, tmp_path)
+    records = _records(run_dir)
+    index = _first_round(records)
+    records[index]["content"]["record"]["central_privacy"] = {"epsilon": "lots"}
+    records[index]["content"]["record"]["sites"]["site-21"]["train"]["privacy"] = ["not", "a", "dict"]
+    records[0]["content"]["privacy"]["central"] = {"noise_multiplier": "loud"}
+    _resign(records, load_or_create_key(signed_run[2] / "keys" / "server-audit.pem"))
+    _write(run_dir, records)
+    result, html = _report(run_dir, tmp_path / "report.html")
+    assert result.exit_code == 0 and "problem(s) in the audit log" in result.output, result.output
+    assert "The audit log does not verify" in html and "cannot be shown" in html

@@ -34,17 +34,17 @@ def _metrics(n: int) -> TrainMetrics:
                         backbone_forwards_eval=0, cache_hits=0, seconds=1.0)
 
 
-def _reply(model, node_id: int, weight: np.ndarray, n: int = 10) -> Message:
+def _reply(model, node_id: int, weight: np.ndarray, n: int = 10, name: str | None = None) -> Message:
     arrays = ArrayRecord({"head.weight": Array(weight), "head.bias": Array(np.zeros(10, np.float32))})
-    site = SiteInfo(f"site-{node_id}", model.weights_sha256)
+    site = SiteInfo(name or f"site-{node_id}", model.weights_sha256)
     return Message(content=build_train_content(arrays, _metrics(n), site), reply_to=_request(node_id))
 
 
-def _strategy(model, inner=None):
-    recorder = RoundRecorder(strategy="test")
+def _strategy(model, inner=None, enrolled=None):
+    recorder = RoundRecorder(strategy="test", enrolled=enrolled)
     strategy = CheckedStrategy(
         inner or FedAvg(), layout=trainable_layout(model.trainable), backbone_sha256=model.weights_sha256,
-        max_examples=1000, recorder=recorder,
+        max_examples=1000, recorder=recorder, enrolled=enrolled,
     )
     grid = ScriptedGrid([1, 2, 3, 4, 5], lambda m: None)
     strategy.configure_train(1, to_arrayrecord(model.trainable), ConfigRecord(), grid)
@@ -140,3 +140,21 @@ def test_a_site_understating_its_epsilon_is_rejected(model):
     assert record.aggregated_sites == ["site-1"]
     assert record.sites["site-1"].train.privacy["epsilon_run"] == pytest.approx(honest)
     assert any(p.node_id == 2 and "compose to" in p.reasons[0] for p in record.problems)
+
+
+def test_enrolled_sites_are_named_by_the_enrolment_not_by_their_replies(model):
+    enrolled = {1: "oslo", 2: "bergen", 3: "tromso"}
+    strategy, recorder = _strategy(model, enrolled=enrolled)
+    w = np.ones((10, 1280), np.float32)
+    replies = [
+        _reply(model, 1, w, name="oslo"),
+        _reply(model, 2, w, name="oslo"),  # bergen's node claims to be oslo
+        _reply(model, 5, w, name="tromso"),  # a node the federation never enrolled
+    ]
+    strategy.aggregate_train(1, replies)
+    record = recorder.finish(1, central_eval=None)
+    assert record.aggregated_sites == ["oslo"]
+    problems = {p.site: (p.kind, p.reasons[0]) for p in record.problems}
+    assert problems["bergen"] == ("rejected", "the reply names itself 'oslo', but node 2 is enrolled as 'bergen'")
+    assert problems["tromso"][0] == "missing"  # node 3 never answered: named by the enrolment too
+    assert problems["node-5"] == ("rejected", "node 5 is not in the federation's enrolment")  # its claim is not taken

@@ -17,6 +17,13 @@ from tests.server.scripted_grid import ScriptedGrid
 pytestmark = pytest.mark.usefixtures("flower_identity")
 
 GOOD_NODE = 1000
+# Nodes that train well and send a malformed recall per class in round 1's evaluation: (recall record, reason).
+BAD_RECALL = {
+    2001: ({"12": 0.5}, "class-recall key '12' is not a class index 0..9"),
+    2002: ({"3": 1.5}, "class-recall of class 3 must be a number in [0, 1], got 1.5"),
+    2003: ({"-1": 0.5}, "class-recall key '-1' is not a class index"),
+}
+GOOD_RECALL = {"0": 1.0, "7": 0.25}
 METRICS = {
     "num-examples": 100, "train-loss": 0.5, "epochs-run": 1, "backbone-forwards-train": 100,
     "backbone-forwards-eval": 10, "cache-hits": 0, "seconds": 1.0,
@@ -124,15 +131,16 @@ def run(cfg):
         node, server_round = msg.metadata.dst_node_id, msg.content["config"]["server-round"]
         if msg.metadata.message_type == "evaluate":
             site = _site(sha, **{"site-name": f"site-{node}"})
-            return Message(RecordDict({"metrics": MetricRecord(EVAL), "site": site}), reply_to=msg)
-        if node == GOOD_NODE or server_round == 2:
+            recall = BAD_RECALL[node][0] if node in BAD_RECALL and server_round == 1 else GOOD_RECALL
+            return Message(RecordDict({"metrics": MetricRecord(EVAL), "site": site, "class-recall": MetricRecord(recall)}), reply_to=msg)
+        if node == GOOD_NODE or node in BAD_RECALL or server_round == 2:
             return Message(_content(msg, sha, site=_site(sha, **{"site-name": f"site-{node}"})), reply_to=msg)
         content = node_case[node][1](msg, sha)
         return Message(content, reply_to=msg)
 
     from flwr.supercore.task_identity import TaskIdentity
 
-    grid = ScriptedGrid([*node_case, GOOD_NODE], respond)
+    grid = ScriptedGrid([*node_case, GOOD_NODE, *BAD_RECALL], respond)
     with pytest.MonkeyPatch.context() as patch:  # the identity Flower's runtime gives a ServerApp process
         for attr, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
             patch.setattr(TaskIdentity, attr, value)
@@ -151,12 +159,26 @@ def test_each_malformed_reply_is_rejected_with_its_reason(run, index):
     assert any(CASES[index][2] in reason for reason in problem.reasons), problem.reasons
 
 
+@pytest.mark.parametrize("node", sorted(BAD_RECALL))
+def test_a_malformed_recall_per_class_rejects_the_evaluation_naming_it(run, node):
+    _, records = run
+    (problem,) = [p for p in records[1].problems if p.node_id == node]
+    assert (problem.phase, problem.kind) == ("evaluate", "rejected")
+    assert any(BAD_RECALL[node][1] in reason for reason in problem.reasons), problem.reasons
+    assert records[1].sites[f"site-{node}"].evaluate.accepted is False
+
+
+def test_a_sites_recall_per_class_is_recorded_by_class_index(run):
+    _, records = run
+    assert records[2].sites[f"site-{GOOD_NODE}"].evaluate.class_recall == GOOD_RECALL
+
+
 def test_only_the_good_reply_is_aggregated_and_the_next_round_goes_on(run):
     summary, records = run
     assert len(CASES) >= 30
-    assert records[1].aggregated_sites == [f"site-{GOOD_NODE}"]
+    assert sorted(records[1].aggregated_sites) == sorted(f"site-{n}" for n in (GOOD_NODE, *BAD_RECALL))
     assert records[1].head_sha256_after != records[1].head_sha256_before
-    assert len(records[2].aggregated_sites) == len(CASES) + 1 and not records[2].problems
+    assert len(records[2].aggregated_sites) == len(CASES) + 1 + len(BAD_RECALL) and not records[2].problems
     assert records[2].head_sha256_before == records[1].head_sha256_after
 
 
