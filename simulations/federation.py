@@ -192,8 +192,10 @@ def diagnose_supernode(log_text: str, returncode: int | None, *, superlink: str,
         return (f"this site does not trust the SuperLink at {superlink}: its certificate was not issued by the CA in "
                 f"{ca_cert}. Get the federation's current ca.crt from the operator")
     if "Failed to activate SuperNode" in text or "code: 2004" in text:
-        return (f"the SuperLink at {superlink} refused this site's node key: it is not registered, or it was revoked. "
-                f"Send {public_key} to the operator to enrol (`fedhead federation enrol SITE {public_key.name if public_key else 'KEY.pub'}`)")
+        return (f"the SuperLink at {superlink} refused this site's node key: it is not registered, or it was revoked, "
+                f"or a SuperNode with this key is still connected (after a crash the SuperLink admits the key again "
+                f"about a minute later; a node stopped with Ctrl-C can rejoin at once). To enrol, send {public_key} to "
+                f"the operator (`fedhead federation enrol SITE {public_key.name if public_key else 'KEY.pub'}`)")
     if "Connection attempt failed" in text or "UNAVAILABLE" in text:
         return f"no SuperLink answers at {superlink}: check the address and that the operator's SuperLink is running"
     return f"flower-supernode exited with code {returncode}; its log has the details"

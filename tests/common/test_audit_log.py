@@ -13,13 +13,14 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from typer.testing import CliRunner
 
 from common.audit_log import format_line, record_sha256
-from common.audit_verify import verify_run
+from common.audit_verify import cross_check, verify_run
 from common.config import build_run_config
 from common.model import build_split_model
 from common.paths import FEDHEAD_HOME_ENV
 from common.privacy import DPEvent, epsilon_spent
 from common.hashing import sha256_arrays
 from common.protocol import PrivacyReport, Receipt, SiteInfo, TrainMetrics, build_train_content, receipt_payload
+from common.receipt_ledger import append_receipt, read_receipts
 from common.signing import load_or_create_key, public_hex, sign_hex
 from server.app import run_federation
 from simulations.cli import app
@@ -57,12 +58,14 @@ def signed_run(tmp_path_factory):
         metrics = TrainMetrics(num_examples=100, train_loss=None, epochs_run=1, backbone_forwards_train=100,
                                backbone_forwards_eval=0, cache_hits=0, seconds=1.0)
         content = build_train_content(arrays, metrics, site, privacy)
-        payload = receipt_payload(  # what client.receipts.sign_train_reply signs at a real site
+        fields = dict(  # what client.receipts.sign_train_reply signs at a real site, and keeps in its ledger
             run_id="7", server_round=msg.content["config"]["server-round"], site=site.name, num_examples=100,
             update_sha256=sha256_arrays({k: arrays[k].numpy() for k in arrays}), privacy=privacy.to_json(),
         )
         key = site_keys[node]
-        content["receipt"] = Receipt(public_hex(key), sign_hex(key, payload)).to_record()
+        receipt = Receipt(public_hex(key), sign_hex(key, receipt_payload(**fields)))
+        append_receipt(home / f"site-{node}", {**fields, **receipt.to_json()})
+        content["receipt"] = receipt.to_record()
         return Message(content, reply_to=msg)
 
     from flwr.supercore.task_identity import TaskIdentity
@@ -336,3 +339,39 @@ def test_a_report_of_a_hostile_log_is_still_written(signed_run, tmp_path):
     result, html = _report(run_dir, tmp_path / "report.html")
     assert result.exit_code == 0 and "problem(s) in the audit log" in result.output, result.output
     assert "The audit log does not verify" in html and "cannot be shown" in html
+
+
+def _round_index(records, number):
+    return next(i for i, r in enumerate(records) if r["kind"] == "round" and r["content"]["record"]["round"] == number)
+
+
+def test_a_server_that_drops_a_sites_round_or_alters_its_epsilon_is_caught_by_the_sites_ledger(signed_run, tmp_path):
+    """The server re-signs a consistent chain with its own key; only the site's own receipts can contradict it."""
+    _, _, home = signed_run
+    server_key = load_or_create_key(home / "keys" / "server-audit.pem")
+    site_key = public_hex(load_or_create_key(home / "site-21.pem"))
+    ledger = read_receipts(home / "site-21")
+    assert [r["server_round"] for r in ledger] == [1, 2, 3]
+    problems, agreed = cross_check(signed_run[0], ledger, site_key)
+    assert problems == [] and len(agreed) == 3
+
+    dropped = _copy(signed_run, tmp_path / "dropped")
+    records = _records(dropped)
+    index = _round_index(records, 2)
+    record = records[index]["content"]["record"]
+    del record["sites"]["site-21"]
+    record["aggregated_sites"] = [s for s in record["aggregated_sites"] if s != "site-21"]
+    _resign(records, server_key)
+    _write(dropped, records)
+    problems, _ = cross_check(dropped, ledger, site_key)
+    assert len(problems) == 1 and problems[0].startswith("round 2: the site signed update ") \
+        and "the log records neither it nor its rejection" in problems[0], problems
+
+    altered = _copy(signed_run, tmp_path / "altered")
+    records = _records(altered)
+    index = _round_index(records, 1)
+    records[index]["content"]["record"]["sites"]["site-21"]["train"]["privacy"]["epsilon_run"] /= 2
+    _resign(records, server_key)
+    _write(altered, records)
+    problems, _ = cross_check(altered, ledger, site_key)
+    assert problems == [f"record {index}: round 1: the log's privacy differ from the site's receipt"], problems

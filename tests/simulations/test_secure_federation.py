@@ -206,6 +206,9 @@ def test_the_audit_log_verifies_and_each_sites_ledger_agrees_with_it(deployed):
         out = CliRunner().invoke(app, ["audit", "cross-check", str(deployed.run_dir), str(deployed.trial / "sites" / name)])
         assert out.exit_code == 0 and f"all {rounds} receipts of this run agree" in out.output, out.output
     log = (deployed.run_dir / "audit.jsonl").read_text()
+    problems = [(r["content"]["round"], r["content"]["site"], r["content"]["phase"], r["content"]["kind"])
+                for r in map(json.loads, log.splitlines()) if r["kind"] == "problem"]
+    assert problems == [(2, "site-1", "train", "failed"), (3, "site-2", "train", "refused")]  # signed, as they happened
     assert str(deployed.trial / "sites") not in log and str(deployed.trial / "data") not in log  # no site's paths
 
 
