@@ -21,12 +21,13 @@ from rich.text import Text
 from common.cli import ExitCode, report_problem, stdout_console
 from common.round_record import RoundRecord, load_round_records
 
-__all__ = ["round_table", "site_table", "summary_table", "print_run", "show", "report"]
+__all__ = ["round_table", "site_table", "summary_table", "print_run", "show", "report", "percent", "site_order"]
 
 _STATUS_STYLE = {"finished": "green", "degraded": "yellow", "interrupted": "yellow", "failed": "red"}
 
 
-def _pct(value: float | None) -> str:
+def percent(value: float | None) -> str:
+    """``value`` as a percentage with two decimals; "-" when absent or NaN."""
     return f"{100 * value:.2f}%" if isinstance(value, (int, float)) and value == value else "-"
 
 
@@ -38,7 +39,8 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.2f}" if n else "-"
 
 
-def _site_order(name: str) -> tuple:
+def site_order(name: str) -> tuple:
+    """Sort key that puts site-2 before site-10."""
     return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
 
 
@@ -60,8 +62,8 @@ def round_table(records: Iterable[RoundRecord]) -> Table:
         problems = Text(str(len(r.problems)), style="red") if r.problems else Text("-")
         table.add_row(
             str(r.round), f"{len(r.aggregated_sites)} of {sampled}" if r.round else "-", problems, _num(_train_loss(r)),
-            _pct(r.federated_eval.get("accuracy")), _pct(r.federated_eval.get("f1")),
-            _pct(r.central_eval.get("accuracy")), _pct(r.central_eval.get("f1")), _num(r.central_eval.get("loss")),
+            percent(r.federated_eval.get("accuracy")), percent(r.federated_eval.get("f1")),
+            percent(r.central_eval.get("accuracy")), percent(r.central_eval.get("f1")), _num(r.central_eval.get("loss")),
             _mb(r.bytes_down), _mb(r.bytes_up), f"{r.wall_seconds:.1f}",
         )
     return table
@@ -79,7 +81,7 @@ def site_table(records: list[RoundRecord], *, max_reasons: int = 3) -> Table:
     """One row per site: its last accepted evaluation, the rounds its update was aggregated in, and its problems."""
     rounds = [r for r in records if r.round > 0]
     problems = _site_problems(records)
-    names = sorted({n for r in records for n in r.sites} | set(problems), key=_site_order)
+    names = sorted({n for r in records for n in r.sites} | set(problems), key=site_order)
     table = Table(title="Sites (last accepted evaluation on each site's validation split)", title_justify="left")
     for header in ("site", "train", "val", "aggregated", "accuracy", "F1", "AUROC", "loss", "failed or rejected"):
         table.add_column(header, justify="left" if header in ("site", "failed or rejected") else "right")
@@ -95,7 +97,7 @@ def site_table(records: list[RoundRecord], *, max_reasons: int = 3) -> Table:
             str(trains[-1].num_examples or "-") if trains else "-",
             str(evals[-1].num_examples or "-") if evals else "-",
             f"{sum(1 for r in rounds if name in r.aggregated_sites)} of {len(rounds)}",
-            _pct(scores.get("accuracy")), _pct(scores.get("f1")), _pct(scores.get("auroc")), _num(scores.get("loss")),
+            percent(scores.get("accuracy")), percent(scores.get("f1")), percent(scores.get("auroc")), _num(scores.get("loss")),
             Text("\n".join(shown) or "-", style="red" if reasons else ""),
         )
     return table
@@ -110,14 +112,14 @@ def summary_table(summary: dict[str, Any]) -> Table:
     grid.add_row("status", Text(status, style=_STATUS_STYLE.get(status, "")))
     if summary.get("error"):
         grid.add_row("why", str(summary["error"]))
-    grid.add_row(f"accuracy ({summary.get('evaluated_on') or 'not evaluated'})", f"{_pct(summary.get('accuracy'))}, macro F1 {_pct(summary.get('macro_f1'))}")
+    grid.add_row(f"accuracy ({summary.get('evaluated_on') or 'not evaluated'})", f"{percent(summary.get('accuracy'))}, macro F1 {percent(summary.get('macro_f1'))}")
     grid.add_row("rounds", f"{summary.get('rounds_completed')} of {summary.get('num_server_rounds')} in {_num(summary.get('wall_seconds'), '.0f')} s")
     b = summary.get("bytes") or {}
     if b.get("max_train_bytes_to_site") is not None:
         grid.add_row(
             "bytes to a site per round",
             f"{b['max_train_bytes_to_site']:,} (head {b.get('head_parameter_bytes') or 0:,}; "
-            f"{_pct(b.get('fraction_of_full_model'))} of the full model's {b.get('full_model_bytes') or 0:,})",
+            f"{percent(b.get('fraction_of_full_model'))} of the full model's {b.get('full_model_bytes') or 0:,})",
         )
     privacy = summary.get("privacy") or {}
     if privacy.get("max_epsilon") is not None:
@@ -138,7 +140,7 @@ def summary_table(summary: dict[str, Any]) -> Table:
     if fwd.get("total") is not None:
         cached = "cached features" if fwd.get("cache_features") else "no cache"
         grid.add_row("backbone passes", f"{fwd['total']:,} ({cached}; server held-out set {fwd.get('server_eval', 0):,}; cache hits {fwd.get('cache_hits', 0)})")
-    for site, reasons in sorted((summary.get("problems") or {}).items(), key=lambda kv: _site_order(kv[0])):
+    for site, reasons in sorted((summary.get("problems") or {}).items(), key=lambda kv: site_order(kv[0])):
         grid.add_row(f"problems: {site}", f"{len(reasons)}, first: {reasons[0]}" if reasons else "-")
     return grid
 

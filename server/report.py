@@ -29,6 +29,7 @@ from common.errors import DataError
 from common.files import write_bytes_atomic
 from common.metrics import recall_by_class
 from common.round_record import RoundRecord, load_round_records
+from server.cli import percent, site_order
 from server.plots import (
     epsilon_figure,
     metric_figure,
@@ -60,6 +61,7 @@ class RunEvidence:
     start: dict[str, Any] = field(default_factory=dict)  # the run-start record's content (empty without a log)
     end: dict[str, Any] = field(default_factory=dict)  # the run-end record's content, else summary.json
     verification: AuditReport | None = None  # None: the run has no audit log
+    summary: dict[str, Any] = field(default_factory=dict)  # summary.json, as the run folder holds it
 
 
 def _json(path: Path) -> dict[str, Any]:
@@ -93,10 +95,10 @@ def load_evidence(run_dir: Path, *, key: str | None = None, site_keys: dict[str,
                     continue  # the verifier has named it
             elif record.get("kind") == "run-end":
                 end = content
-        return RunEvidence(run_dir.name, records, "audit log", run_id, start, {**summary, **end}, verification)
+        return RunEvidence(run_dir.name, records, "audit log", run_id, start, {**summary, **end}, verification, summary)
     if not (run_dir / "metrics.jsonl").is_file():
         raise DataError(f"{run_dir} is not a run folder (no {AUDIT_FILE} or metrics.jsonl in it)")
-    return RunEvidence(run_dir.name, load_round_records(run_dir / "metrics.jsonl"), "metrics.jsonl", end=summary)
+    return RunEvidence(run_dir.name, load_round_records(run_dir / "metrics.jsonl"), "metrics.jsonl", end=summary, summary=summary)
 
 
 def _data_uri(fig) -> str:
@@ -105,10 +107,6 @@ def _data_uri(fig) -> str:
 
 def _short(sha: Any) -> str:
     return f"{sha[:12]}" if isinstance(sha, str) else "-"
-
-
-def _site_order(name: str) -> tuple:
-    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name))
 
 
 def _facts(ev: RunEvidence, summary: dict[str, Any]) -> list[tuple[str, str]]:
@@ -170,19 +168,15 @@ def _round_row(r: RoundRecord) -> dict[str, Any]:
         "round": r.round,
         "seconds": f"{r.wall_seconds:.1f}",
         "sampled": len(r.sampled_nodes),
-        "aggregated": ", ".join(sorted(r.aggregated_sites, key=_site_order)) or ("-" if r.round else "initial model"),
+        "aggregated": ", ".join(sorted(r.aggregated_sites, key=site_order)) or ("-" if r.round else "initial model"),
         "problems": [{"site": p.site, "phase": p.phase, "kind": p.kind, "reason": redact_paths("; ".join(p.reasons))} for p in r.problems],
         "head": f"{_short(r.head_sha256_before)} → {_short(r.head_sha256_after)}" if r.round else _short(r.head_sha256_after),
-        "test_accuracy": _pct(r.central_eval.get("accuracy")),
+        "test_accuracy": percent(r.central_eval.get("accuracy")),
         "test_loss": _num(r.central_eval.get("loss")),
-        "site_accuracy": _pct(r.federated_eval.get("accuracy")),
+        "site_accuracy": percent(r.federated_eval.get("accuracy")),
         "record_epsilon": _num(max(site_eps)) if site_eps else "-",
         "client_epsilon": _num(r.central_privacy.get("epsilon")) if r.central_privacy else "-",
     }
-
-
-def _pct(value: Any) -> str:
-    return f"{100 * value:.2f}%" if isinstance(value, (int, float)) and value == value else "-"
 
 
 def _num(value: Any) -> str:
@@ -224,24 +218,24 @@ def _fairness(records: list[RoundRecord], classes: list[str], end: dict[str, Any
     n = max([len(classes)] + [int(c) + 1 for _, recall in latest.values() for c in recall])
     names = classes + [str(i) for i in range(len(classes), n)]
     rows = []
-    for site in sorted(latest, key=_site_order):
+    for site in sorted(latest, key=site_order):
         round_, recall = latest[site]
         values = [recall.get(str(i)) for i in range(n)]
         present = [v for v in values if v is not None]
         rows.append({"site": site, "round": round_, "values": values, "mean": sum(present) / len(present) if present else None})
     seen = [[row["values"][i] for row in rows if row["values"][i] is not None] for i in range(n)]
     worst = [min(values) if len(set(values)) > 1 else None for values in seen]  # framed only where the sites differ
-    table = [{**row, "cells": [{"text": _pct(v) if v is not None else "absent", "shade": _shade(v),
+    table = [{**row, "cells": [{"text": percent(v) if v is not None else "absent", "shade": _shade(v),
                                 "worst": v is not None and v == worst[i]} for i, v in enumerate(row["values"])]}
              for row in rows]
     held_out = None
     confusion = end.get("confusion_matrix")
     if isinstance(confusion, dict) and isinstance(confusion.get("counts"), list):
         recall = recall_by_class(confusion["counts"])
-        held_out = [{"text": _pct(recall.get(i)) if i in recall else "absent", "shade": _shade(recall.get(i))} for i in range(n)]
+        held_out = [{"text": percent(recall.get(i)) if i in recall else "absent", "shade": _shade(recall.get(i))} for i in range(n)]
     served_worst = min((row for row in rows if row["mean"] is not None), key=lambda row: row["mean"], default=None)
     return {"classes": names, "rows": table, "held_out": held_out,
-            "served_worst": served_worst and {"site": served_worst["site"], "mean": _pct(served_worst["mean"])}}
+            "served_worst": served_worst and {"site": served_worst["site"], "mean": percent(served_worst["mean"])}}
 
 
 def _safely(build, fallback):
@@ -252,12 +246,12 @@ def _safely(build, fallback):
         return fallback
 
 
-def render_report(ev: RunEvidence, summary: dict[str, Any] | None = None) -> str:
+def render_report(ev: RunEvidence) -> str:
     """The report page of ``ev`` as one HTML string."""
-    summary = summary or {}
+    summary = ev.summary
     records = ev.records
     history = [r for r in records if r.round > 0]
-    sites = sorted({name for r in records for name in r.sites} | {p.site for r in records for p in r.problems}, key=_site_order)
+    sites = sorted({name for r in records for name in r.sites} | {p.site for r in records for p in r.problems}, key=site_order)
     title = ev.name
     privacy = ev.start.get("privacy") or {}
     drawings = [
@@ -299,7 +293,7 @@ def write_report(run_dir: Path, out: Path | None = None, *, key: str | None = No
     """Write ``run_dir``'s report (default ``run_dir/report.html``); return its path and the evidence it shows."""
     run_dir = Path(run_dir)
     evidence = load_evidence(run_dir, key=key, site_keys=site_keys)
-    html = render_report(evidence, _json(run_dir / "summary.json"))
+    html = render_report(evidence)
     path = out or run_dir / REPORT_FILE
     write_bytes_atomic(path, html.encode("utf-8"))
     return path, evidence

@@ -153,14 +153,15 @@ def _run(
                 log_file = root / f"{site.name}.log"
                 nodes[site.name] = (stack.enter_context(process_group(command, env, log_file)), log_file)
             pids = {name: p.pid for name, (p, _) in nodes.items()}
+            pids = {"superlink": superlink_pid(home), **pids}
             listing = {"flwr_home": str(home), "superlink": address, "ca": str(files.ca.cert)}
-            _write_processes(root, {**listing, "pids": {"superlink": superlink_pid(home), **pids}})
+            _write_processes(root, {**listing, "pids": pids})
             connection = write_connection(home, port, "trial", ca_cert=files.ca.cert)
             process = subprocess.Popen(
                 ["flwr", "run", str(project_root()), connection, "--stream", "--run-config", str(run_config_file)],
                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True,
             )
-            _write_processes(root, {**listing, "pids": {"superlink": superlink_pid(home), **pids, "flwr-run": process.pid}})
+            _write_processes(root, {**listing, "pids": {**pids, "flwr-run": process.pid}})
             watch = _NodeWatch(nodes, address, files.ca.cert)
             for line in _lines_while_watching(process, watch):
                 emit(line.rstrip("\n"))
