@@ -16,18 +16,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.clipping_mod import clip_when_asked
 from client.feature_cache import FeatureCache
-from client.feature_source import build_feature_source
+from client.feature_source import FeatureSource, build_feature_source
 from client.privacy_ledger import PrivacyLedger
 from client.receipts import sign_train_reply
 from client.privacy_round import check_policy, plan_round, train_round_privately
 from client.site_data import SiteData, load_site_data
 from client.training import evaluate_with_class_recall, train_locally
 from common.config import RunConfig, build_run_config
+from common.devices import Extraction, resolve_extraction
 from common.errors import FedHeadError, FingerprintError, public_reason
 from common.exchange import load_arrayrecord, to_arrayrecord
 from common.logs import configure_logging
@@ -65,10 +68,34 @@ class _Site:
     model: SplitModel
     data: SiteData
     run_id: str
+    extraction: Extraction
 
     @property
     def cache(self) -> FeatureCache | None:
         return FeatureCache(self.site_cfg.cache_dir) if self.cfg.cache_features else None
+
+    @property
+    def train_device(self) -> torch.device:
+        """Where the trainable part learns: the site's device, except that DP-SGD runs on the CPU.
+
+        Opacus's Poisson sampling and noise draw from a CPU generator seeded
+        from the OS's secret randomness (see client.dp_training), and the part
+        that learns is small; feature extraction, the costly part, still uses the GPU.
+        """
+        return torch.device("cpu") if self.cfg.records_dp else self.extraction.device
+
+    def features(self, split: str, augment_views: int) -> FeatureSource:
+        """The trainable part's inputs for the site's ``train`` or ``val`` split, on the training device."""
+        return build_feature_source(
+            self.model,
+            getattr(self.data, split),
+            cache=self.cache,
+            augment_views=augment_views,
+            seed=self.cfg.seed,
+            label=f"{self.data.name} {split}",
+            extraction=self.extraction,
+            device=self.train_device,
+        )
 
     @property
     def info(self) -> SiteInfo:
@@ -102,7 +129,10 @@ def _prepare(msg: Message, context: Context) -> _Site:
         )
     load_arrayrecord(model.trainable, instruction.arrays)
     data = load_site_data(_data_path(cfg, site_cfg), cfg, name=site_cfg.site_name)
-    return _Site(cfg, site_cfg, instruction, model, data, str(context.run_id))
+    site = _Site(cfg, site_cfg, instruction, model, data, str(context.run_id), resolve_extraction(site_cfg.device, site_cfg.precision))
+    model.trunk.to(site.extraction.device)
+    model.trainable.to(site.train_device)
+    return site
 
 
 def _answer(msg: Message, context: Context, handler: Callable[[_Site], RecordDict]) -> Message:
@@ -129,11 +159,8 @@ def _train(site: _Site) -> RecordDict:
         else None
     )
     check_policy(site.site_cfg, cfg, plan=plan, num_examples=len(data.train), backbone_sha256=site.model.weights_sha256)
-    cache = site.cache
-    train_source = build_feature_source(
-        site.model, data.train, cache=cache, augment_views=cfg.augment_views, seed=cfg.seed, label=f"{data.name} train"
-    )
-    val_source = build_feature_source(site.model, data.val, cache=cache, augment_views=0, seed=cfg.seed, label=f"{data.name} val")
+    train_source = site.features("train", cfg.augment_views)
+    val_source = site.features("val", 0)
     privacy = None
     if plan is not None and ledger is not None:
         report, privacy = train_round_privately(
@@ -166,7 +193,7 @@ def _train(site: _Site) -> RecordDict:
 
 def _evaluate(site: _Site) -> RecordDict:
     data = site.data
-    val_source = build_feature_source(site.model, data.val, cache=site.cache, augment_views=0, seed=site.cfg.seed, label=f"{data.name} val")
+    val_source = site.features("val", 0)
     scores, class_recall = {}, {}
     if len(data.val):
         scores, class_recall = evaluate_with_class_recall(site.model.trainable, val_source, data.val.labels, site.cfg.num_classes)

@@ -15,6 +15,7 @@ from torchvision.transforms import v2
 
 from client.feature_cache import FeatureCache
 from client.site_data import Split
+from common.devices import Extraction
 from common.features import extract_features
 from common.model import SplitModel
 from common.preprocessing import to_uint8_nchw
@@ -57,10 +58,10 @@ class FeatureSource:
 
 
 class CachedFeatures(FeatureSource):
-    """All views of a split's trunk outputs, held in memory after one cache lookup each."""
+    """All views of a split's trunk outputs, held in memory (on ``device``) after one cache lookup each."""
 
-    def __init__(self, views: list[torch.Tensor], *, forwards: int, hits: int) -> None:
-        self.views = torch.stack(views)
+    def __init__(self, views: list[torch.Tensor], *, forwards: int, hits: int, device: torch.device | None = None) -> None:
+        self.views = torch.stack(views).to(device or "cpu")
         self.num_views = len(views)
         self.forwards = forwards
         self.hits = hits
@@ -77,9 +78,11 @@ class CachedFeatures(FeatureSource):
 class LiveFeatures(FeatureSource):
     """Runs the trunk on each requested batch; augmented views are drawn afresh."""
 
-    def __init__(self, model: SplitModel, split: Split, *, augment_views: int) -> None:
+    def __init__(self, model: SplitModel, split: Split, *, augment_views: int, extraction: Extraction, device: torch.device | None = None) -> None:
         self.model = model
         self.split = split
+        self.extraction = extraction
+        self.device = device or torch.device("cpu")
         self.num_views = augment_views + 1
         self.forwards = 0
         self.hits = 0
@@ -99,7 +102,8 @@ class LiveFeatures(FeatureSource):
             else:
                 batch = [a if m else b for a, b, m in zip(augmented, batch, mask)]
         self.forwards += len(index)
-        return extract_features(self.model.trunk, self.model.preprocessing, batch)
+        features = extract_features(self.model.trunk, self.model.preprocessing, batch, extraction=self.extraction)
+        return features.to(self.device)
 
 
 def build_feature_source(
@@ -110,10 +114,18 @@ def build_feature_source(
     augment_views: int,
     seed: int,
     label: str,
+    extraction: Extraction = Extraction(),
+    device: torch.device | None = None,
 ) -> FeatureSource:
-    """A cached source (one lookup per view) when ``cache`` is given, else a live one."""
+    """A cached source (one lookup per view) when ``cache`` is given, else a live one.
+
+    The trunk (on ``extraction.device``) computes what is missing; the
+    features are served on ``device`` (where the trainable part is; the CPU by
+    default). Features extracted under mixed precision are cached apart from
+    float32 ones; float32 features from a GPU and from the CPU share entries.
+    """
     if cache is None:
-        return LiveFeatures(model, split, augment_views=augment_views)
+        return LiveFeatures(model, split, augment_views=augment_views, extraction=extraction, device=device)
     fingerprint = split.fingerprint()
     base = {
         "weights_sha256": model.weights_sha256,
@@ -121,6 +133,8 @@ def build_feature_source(
         "preprocessing": model.preprocessing.describe(),
         "data_sha256": fingerprint,
     }
+    if extraction.mixed:
+        base["precision"] = f"{extraction.precision} autocast"
     views, forwards, hits = [], 0, 0
     for view in range(augment_views + 1):
         parts = dict(base, view=view)
@@ -129,11 +143,11 @@ def build_feature_source(
 
         def compute(view: int = view) -> torch.Tensor:
             images = split.images if view == 0 else augment(split.images, seed=seed * 1009 + view)
-            log.info("%s: computing backbone features for %d images (view %d)", label, len(split), view)
-            return extract_features(model.trunk, model.preprocessing, images, description=label)
+            log.info("%s: computing backbone features for %d images (view %d, %s)", label, len(split), view, extraction.describe())
+            return extract_features(model.trunk, model.preprocessing, images, extraction=extraction, description=label)
 
         lookup = cache.get_or_compute(parts, len(split), compute)
         views.append(lookup.features)
         forwards += lookup.forwards
         hits += int(lookup.hit)
-    return CachedFeatures(views, forwards=forwards, hits=hits)
+    return CachedFeatures(views, forwards=forwards, hits=hits, device=device)

@@ -54,7 +54,7 @@ def _predict(trainable: nn.Module, source: FeatureSource, batch_size: int = 1024
     outputs = []
     for start in range(0, len(source), batch_size):
         index = torch.arange(start, min(len(source), start + batch_size))
-        outputs.append(trainable(source.get(index)))
+        outputs.append(trainable(source.get(index)).cpu())
     return torch.cat(outputs)
 
 
@@ -85,7 +85,8 @@ def train_locally(
     """Train for ``local-epochs`` (early-stopping on validation loss when patience > 0).
 
     Each epoch every example is seen once, in one of its cached views chosen at
-    random. With ``proximal_mu`` > 0 the FedProx term pulls towards the
+    random. Training runs where ``trainable`` and ``train``'s features are (a
+    GPU or the CPU). With ``proximal_mu`` > 0 the FedProx term pulls towards the
     parameters received from the server.
     """
     generator = torch.Generator().manual_seed(cfg.seed * 7919 + server_round)
@@ -103,7 +104,7 @@ def train_locally(
         for start in range(0, n, cfg.batch_size):
             index = order[start : start + cfg.batch_size]
             inputs = train.get(index, views[index])
-            loss = criterion(trainable(inputs), train_labels[index])
+            loss = criterion(trainable(inputs), train_labels[index].to(inputs.device))
             if proximal_mu > 0:
                 prox = sum(((p - g) ** 2).sum() for (_, p), g in zip(trainable_parameters(trainable), global_params))
                 loss = loss + proximal_mu / 2 * prox

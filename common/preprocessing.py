@@ -42,20 +42,28 @@ class Preprocessing:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """Map a uint8 batch (N, C, H, W) to the backbone's float input (N, 3, S, S)."""
-        x = _resize(images, self.image_size, self.interpolation).float().div_(255.0)
-        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
-        std = torch.tensor(self.std).view(1, 3, 1, 1)
+        return self.normalise(self.resize(images))
+
+    def resize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, C, H, W) to uint8 (N, 3, S, S): resized, grey repeated to three channels."""
+        return _resize(images, self.image_size, self.interpolation)
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """Resized uint8 images to normalised float, on whatever device they are."""
+        x = images.float().div_(255.0)
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
         return (x - mean) / std
 
 
 def _resize(images: torch.Tensor, size: int, interpolation: str) -> torch.Tensor:
     images = to_uint8_nchw(images)
+    if images.shape[-2:] != (size, size):  # grey is resized once, then repeated (the same pixels as after)
+        mode = v2.InterpolationMode(interpolation)
+        images = v2.functional.resize(images, [size, size], interpolation=mode, antialias=True)
     if images.shape[1] == 1:
         images = images.expand(-1, 3, -1, -1)
-    if images.shape[-2:] == (size, size):
-        return images
-    mode = v2.InterpolationMode(interpolation)
-    return v2.functional.resize(images, [size, size], interpolation=mode, antialias=True)
+    return images
 
 
 def to_uint8_nchw(images: torch.Tensor) -> torch.Tensor:

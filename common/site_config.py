@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.devices import PRECISIONS
 from common.errors import ConfigError
 from common.files import ensure_writable_dir
 from common.paths import fedhead_home
@@ -23,7 +24,7 @@ __all__ = ["SiteConfig", "build_site_config", "DEVICES"]
 
 DEVICES = ("auto", "cpu", "cuda")
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
-_KEYS = ("site-name", "data-dir", "state-dir", "policy", "device", "partition-id", "num-partitions")
+_KEYS = ("site-name", "data-dir", "state-dir", "policy", "device", "precision", "partition-id", "num-partitions")
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class SiteConfig:
     device: str = "auto"
     partition_id: int | None = None
     num_partitions: int | None = None
+    precision: str = "auto"
 
     @property
     def cache_dir(self) -> Path:
@@ -63,7 +65,9 @@ def build_site_config(node_config: Mapping[str, Any]) -> SiteConfig:
     """Validate ``node_config`` into a SiteConfig; every problem is reported at once.
 
     Defaults: ``site-name`` from the partition id (``site-<i>``) else ``site``;
-    ``state-dir`` ``$FEDHEAD_HOME/sites/<site-name>``; ``device`` ``auto``.
+    ``state-dir`` ``$FEDHEAD_HOME/sites/<site-name>``; ``device`` ``auto`` (CUDA
+    when torch sees a GPU, else the CPU); ``precision`` ``auto`` (float16
+    autocast for feature extraction on a GPU, float32 on the CPU).
     The state folder is created and proven writable here, before any work.
     """
     problems: list[str] = []
@@ -92,6 +96,9 @@ def build_site_config(node_config: Mapping[str, Any]) -> SiteConfig:
     device = str(node_config.get("device", "auto")).strip().lower()
     if not _DEVICE.fullmatch(device):
         problems.append(f"'device' = {device!r}: choose auto, cpu, cuda or cuda:N")
+    precision = str(node_config.get("precision", "auto")).strip().lower()
+    if precision not in PRECISIONS:
+        problems.append(f"'precision' = {precision!r}: choose {', '.join(PRECISIONS)}")
     state_raw = str(node_config.get("state-dir", "")).strip()
     state_dir = Path(state_raw).expanduser() if state_raw else fedhead_home() / "sites" / name
     if not problems:
@@ -101,4 +108,4 @@ def build_site_config(node_config: Mapping[str, Any]) -> SiteConfig:
             problems.append(str(exc))
     if problems:
         raise ConfigError("invalid site config (node_config):\n  - " + "\n  - ".join(problems))
-    return SiteConfig(name, data_dir, state_dir, policy, device, partition_id, num_partitions)
+    return SiteConfig(name, data_dir, state_dir, policy, device, partition_id, num_partitions, precision)
