@@ -157,10 +157,14 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_id: str = "") -> dict:
             if held_out:
                 confusion = held_out.confusion(result.arrays)
             load_arrayrecord(model.trainable, result.arrays)
-            manifest = export_model(model, folder.model_dir, class_names=cfg.class_names)
+            manifest = export_model(
+                model, folder.model_dir, class_names=cfg.class_names,
+                check_images=held_out.sample if held_out else None, onnx=cfg.export_onnx,
+            )
             write_plots(recorder.records, folder.plots_dir, title=folder.root.name)
-            if manifest["files"]["full_model"] is None:
-                status, error = "degraded", f"the full model was not exported: {manifest['full_model_error']}"
+            if manifest["errors"]:
+                status = "degraded"
+                error = "; ".join(f"model.{'pt2' if kind == 'torch_export' else kind} was not exported: {why}" for kind, why in manifest["errors"].items())
     except Exception as exc:
         status, error = "failed", f"{type(exc).__name__}: {exc}"
         raise

@@ -205,3 +205,38 @@ def report(
     else:
         report_problem(f"{verification.summary_line(run_dir)}; the report lists them at the top")
     console.print(f"report written to {path}", soft_wrap=True)
+
+
+def predict(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run's folder (runs/<name>) or its model/ folder.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, DICOM, ...) or folders of them.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The CSV to write.")] = Path("predictions.csv"),
+    top_k: Annotated[int, typer.Option(min=1, help="How many classes to list per image.")] = 3,
+    engine: Annotated[str, typer.Option(help="onnx (onnxruntime), torch (model.pt2) or auto: onnx where onnxruntime is installed.")] = "auto",
+) -> None:
+    """Classify images with a run's exported model, prepared only as its manifest says; write one CSV row per image."""
+    from common.errors import FedHeadError
+    from server.predict import image_paths, load_predictor, write_predictions
+    from server.predict import predict as run_predict
+
+    try:
+        predictor = load_predictor(run_dir, engine)
+        paths = image_paths(images)
+        if not paths:
+            raise FedHeadError(f"no image files under {', '.join(str(i) for i in images)}")
+        predictions = run_predict(predictor, paths, top_k=top_k)
+        write_predictions(predictions, out)
+    except (FedHeadError, OSError) as exc:
+        report_problem(exc)
+        raise typer.Exit(ExitCode.BAD_INPUT) from None
+    failed = [p for p in predictions if p.error]
+    for p in failed:
+        report_problem(f"{p.path}: {p.error}")
+    console = stdout_console()
+    console.print(
+        f"{len(predictions) - len(failed):,} images classified with {predictor.engine} "
+        f"(model.{'onnx' if predictor.engine == 'onnx' else 'pt2'}), {len(failed):,} unreadable; written to {out}",
+        soft_wrap=True,
+    )
+    if len(failed) == len(predictions):
+        raise typer.Exit(ExitCode.BAD_INPUT)

@@ -25,7 +25,7 @@ from common.audit_cli import audit_app
 from common.cli import ExitCode, check_run_name, exit_code_for_error, parse_run_config, report_problem, stdout_console, weights_app
 from common.errors import FedHeadError
 from common.logs import LOG_LEVELS, configure_logging
-from server.cli import report, show
+from server.cli import predict, report, show
 from simulations.federation_cli import federation_app
 from simulations.sweep import privacy_sweep
 
@@ -52,6 +52,7 @@ app.add_typer(federation_app)
 app.add_typer(weights_app)
 app.command("show")(show)
 app.command("report")(report)
+app.command("predict")(predict)
 app.command("privacy-sweep")(privacy_sweep)
 
 

@@ -128,7 +128,9 @@ def test_readme_lists_exactly_the_commands_of_fedhead_help(capsys):
     documented = {line.split()[0] for line in block.splitlines()[2:] if line.strip()}
     assert main(["--help"]) == 0
     helped = set(re.findall(r"│ (\w[\w-]*)\s{2,}", capsys.readouterr().out))
-    assert documented == helped == {"show", "report", "simulate", "privacy-sweep", "bench", "audit", "site", "federation", "weights"}
+    assert documented == helped == {
+        "show", "report", "predict", "simulate", "privacy-sweep", "bench", "bench-extraction", "audit", "site", "federation", "weights",
+    }
 
 
 def test_site_check_shows_what_the_policy_allows_and_the_budget_left(tmp_path, digits, capsys):

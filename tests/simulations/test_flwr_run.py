@@ -27,7 +27,7 @@ def test_flwr_run_dot_runs_a_two_site_simulation_that_learns(tmp_path):
     )
     run_config = (
         "dataset='digits' classes='0,1,2,3,4,5,6,7,8,9' image-size=32 num-server-rounds=2 local-epochs=3 lr=0.01 "
-        f"run-dir='{tmp_path / 'runs'}' run-name='plain-flower'"
+        f"export-onnx=false run-dir='{tmp_path / 'runs'}' run-name='plain-flower'"
     )
     try:
         out = subprocess.run(

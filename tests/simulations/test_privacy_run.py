@@ -26,7 +26,7 @@ def test_a_dp_run_reports_epsilons_an_auditor_can_recompute(tmp_path):
         "dataset": "digits", "image-size": 32, "num-server-rounds": 3, "local-epochs": 2, "lr": 0.01,
         "partitioner": "iid", "dp": "both", "target-epsilon": 3.0, "target-delta": 1e-5,
         "central-clipping": "client", "central-clip-norm": 2.0, "central-noise-multiplier": 0.002,
-        "run-dir": str(tmp_path / "runs"),
+        "run-dir": str(tmp_path / "runs"), "export-onnx": False,
     }
     result = run_simulation(num_sites=2, name="private", overrides=overrides, state_dir=tmp_path / "state")
     summary = result.summary

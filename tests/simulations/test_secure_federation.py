@@ -109,7 +109,7 @@ def deployed(tmp_path_factory):
     policy.write_text(f"require-dp = true\nmax-epsilon = {0.9 * TARGET_EPSILON}\nmax-delta = 1e-5\n")
     run_config = (
         "dataset='digits' partitioner='iid' num-server-rounds=3 local-epochs=2 lr=0.01 image-size=32 min-sites=2 "
-        f"round-timeout=120.0 dp='sample' target-epsilon={TARGET_EPSILON} target-delta=1e-5 run-dir='{tmp / 'runs'}'"
+        f"export-onnx=false round-timeout=120.0 dp='sample' target-epsilon={TARGET_EPSILON} target-delta=1e-5 run-dir='{tmp / 'runs'}'"
     )
     log = tmp / "up.log"
     with open(log, "w") as out:

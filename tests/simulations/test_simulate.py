@@ -140,7 +140,7 @@ def test_a_run_that_loses_a_site_is_degraded_names_it_and_exits_3_and_uncached_p
     """
     run_config = (
         f"dataset='digits' num-server-rounds=2 local-epochs=2 cache-features=false image-size=32 "
-        f"max-examples-per-site=600 run-dir='{tmp_path / 'runs'}'"
+        f"max-examples-per-site=600 export-onnx=false run-dir='{tmp_path / 'runs'}'"
     )
     out = subprocess.run(
         [sys.executable, "-m", "simulations.cli", "simulate", "--sites", "2", "--name", "lossy", "--run-config", run_config],
@@ -161,3 +161,42 @@ def test_a_run_that_loses_a_site_is_degraded_names_it_and_exits_3_and_uncached_p
     fwd = summary["backbone_forwards"]
     assert fwd["cache_hits"] == 0 and set(fwd["train_images_by_site"]) == {"site-0"}
     assert fwd["by_site"]["site-0"]["train"] == fwd["train_images_by_site"]["site-0"] * 2 * 2  # rounds x epochs
+
+
+def test_predict_reproduces_the_held_out_accuracy_from_image_files(cached_run, tmp_path):
+    """`fedhead predict` on the held-out images written as PNG files, prepared only as the manifest says."""
+    from PIL import Image
+
+    from common.benchmarks import load_benchmark
+    from common.config import build_run_config
+    from server.predict import image_paths, load_predictor
+
+    manifest = json.loads((cached_run.run_dir / "model" / "manifest.json").read_text())
+    assert manifest["files"] == {"head": "head.safetensors", "torch_export": "model.pt2", "onnx": "model.onnx"}
+    assert manifest["input"]["normalisation"]["inside_model"] and manifest["input"]["value_range"] == [0.0, 1.0]
+    assert manifest["output"]["classes"] == [str(d) for d in range(10)] and manifest["errors"] == {}
+    assert manifest["checks"]["inputs"] == "64 of the server's held-out images"
+    assert max(manifest["checks"]["max_abs_difference_from_pytorch"].values()) < 1e-4
+
+    held_out = load_benchmark(build_run_config(DIGITS), cached_run.run_dir.parent.parent / "state" / "data")
+    folder = tmp_path / "held-out"
+    folder.mkdir()
+    for i, (image, label) in enumerate(zip(held_out.test_images, held_out.test_labels)):
+        Image.fromarray(image).save(folder / f"{i:04d}-{label}.png")
+    out = tmp_path / "predictions.csv"
+    done = subprocess.run(
+        [sys.executable, "-m", "simulations.cli", "predict", str(cached_run.run_dir), str(folder), "--out", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"{len(held_out.test_labels)} images classified with onnx" in done.stdout
+    import csv
+
+    rows = list(csv.DictReader(out.open()))
+    correct = [row["class"] == Path(row["path"]).stem.split("-")[1] for row in rows]
+    assert len(rows) == 359 and abs(sum(correct) / len(rows) - cached_run.summary["accuracy"]) <= 0.001
+
+    paths = image_paths([folder])[:64]
+    onnx, program = load_predictor(cached_run.run_dir, "onnx"), load_predictor(cached_run.run_dir, "torch")
+    batch = torch.stack([onnx.prepare(torch.from_numpy(np.array(Image.open(p)))[None]) for p in paths])
+    assert float((onnx.logits(batch) - program.logits(batch)).abs().max()) <= 1e-4
