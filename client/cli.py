@@ -33,38 +33,89 @@ site_app = typer.Typer(name="site", help="Check a site's data before it joins.",
 
 @site_app.command("check")
 def check(
-    data_dir: Annotated[Path, typer.Argument(help="An image folder (one sub-folder per class) or a MedMNIST-style .npz file.")],
-    classes: Annotated[str, typer.Option(help="Comma-separated class names, in label order (default: Fashion-MNIST's).")] = "",
+    data_dir: Annotated[Path, typer.Argument(help="An image folder (one sub-folder per class), a CSV manifest (path,label[,split]) or a MedMNIST-style .npz file.")],
+    classes: Annotated[str, typer.Option(help="Comma-separated class names, in label order (default: the folders' or the manifest's, sorted; Fashion-MNIST's for an .npz).")] = "",
     policy: Annotated[Path | None, typer.Option(help="The site's privacy policy (TOML): show what it allows and the budget left.")] = None,
     state_dir: Annotated[Path | None, typer.Option(help="The site's state-dir, where its privacy ledger is (default: $FEDHEAD_HOME/sites/site).")] = None,
     delta: Annotated[float | None, typer.Option(help="Delta to state the lifetime epsilon at (default: the policy's max-delta).")] = None,
 ) -> None:
-    """Load a site's data as its ClientApp would; print images per class and every file skipped, with why.
+    """Load a site's data as its ClientApp would; show what it holds, how its images are stored, what would leave the site, and every file skipped, with why.
 
-    DATA_DIR is an image folder (one sub-folder per class, optionally under train/ and val/) or a MedMNIST-style .npz file.
+    DATA_DIR is an image folder (one sub-folder per class, optionally under train/ and val/), a CSV manifest
+    (columns path and label, optionally split: train or val; paths relative to the manifest) or a MedMNIST-style
+    .npz file. Images may be PNG, JPEG and the other formats PIL reads, or DICOM (.dcm, with fedhead[dicom]).
+
+    Warnings (on stderr): a class with no images, a validation split too small to measure (fewer than 10
+    images of a class), images of mixed bit depths or channel counts.
 
     Exits 0 when every image was read, 1 when some were skipped as unreadable,
     2 when the data cannot be trained on at all.
     """
     from client.site_data import load_site_data
+    from client.site_report import check_warnings, image_kinds
     from common.config import build_run_config
 
-    cfg = build_run_config({"classes": classes} if classes else {})
+    names, origin = _class_names(data_dir, classes)
+    cfg = build_run_config({"classes": ",".join(names)} if names else {})
     site = load_site_data(data_dir, cfg, name="site")
     console = stdout_console()
     console.print(f"{data_dir}: {len(site.train)} training and {len(site.val)} validation images")
-    table = Table("class", "label", "train", "val", title=None)
-    for label, name in enumerate(cfg.class_names):
-        table.add_row(name, str(label), str(int((site.train.labels == label).sum())), str(int((site.val.labels == label).sum())))
-    table.add_section()
-    table.add_row("all", "", str(len(site.train)), str(len(site.val)))
-    console.print(table)
+    console.print(f"classes, in label order ({origin}): {', '.join(cfg.class_names)}")
+    console.print(_class_table(site, cfg.class_names))
+    kinds = image_kinds(site)
+    console.print(_kinds_table(kinds))
     if policy is not None:
         _show_policy(policy, state_dir, delta, site.records_fingerprint(), console)
-    for warning in site.warnings:
-        report_problem(f"warning: {warning}")
+    console.print(_leaves_table(cfg))
     if site.skipped:
         report_problem(f"{len(site.skipped)} unreadable image files were skipped:")
         for skipped in site.skipped:
             report_problem(f"skipped {skipped.path}: {skipped.reason}")
+    for warning in site.warnings + check_warnings(site, cfg.class_names, kinds):
+        report_problem(f"warning: {warning}")
+    if site.skipped:
         raise typer.Exit(ExitCode.FAILED)
+
+
+def _class_names(data_dir: Path, classes: str) -> tuple[tuple[str, ...], str]:
+    """(class names, where they came from); no names: the run's default."""
+    from common.data_formats import class_names_of
+    from common.errors import DataError
+
+    if classes:
+        return tuple(name.strip() for name in classes.split(",") if name.strip()), "from --classes"
+    names = class_names_of(data_dir)
+    if names is None:
+        return (), "the run's default, Fashion-MNIST's: an .npz holds indices only; name them with --classes"
+    if not names:
+        raise DataError(f"'{data_dir}' holds no class folders or manifest rows; put each class's images in a folder named after it")
+    with_comma = [name for name in names if "," in name]
+    if with_comma:
+        raise DataError(f"class names {with_comma} hold a comma, which run-config 'classes' cannot; rename them")
+    source = "the manifest's labels" if data_dir.is_file() else "the class folders"
+    return names, f"from {source}, sorted; give the run the same 'classes'"
+
+
+def _class_table(site, class_names) -> Table:
+    table = Table("class", "label", "train", "val", title=None)
+    for label, name in enumerate(class_names):
+        table.add_row(name, str(label), str(int((site.train.labels == label).sum())), str(int((site.val.labels == label).sum())))
+    table.add_section()
+    table.add_row("all", "", str(len(site.train)), str(len(site.val)))
+    return table
+
+
+def _kinds_table(kinds) -> Table:
+    table = Table("stored as", "images", title="Image files read", title_justify="left")
+    for kind, count in sorted(kinds.items(), key=lambda item: (-item[1], item[0])):
+        table.add_row(str(kind), f"{count:,}")
+    return table
+
+
+def _leaves_table(cfg) -> Table:
+    from client.site_report import what_leaves
+
+    table = Table("what", "in detail", title="What leaves this site in each reply", title_justify="left")
+    for what, detail in what_leaves(cfg):
+        table.add_row(what, detail)
+    return table

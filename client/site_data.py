@@ -8,7 +8,12 @@ real site runs. Supported layouts:
 - a MedMNIST-style ``.npz`` (``train_images``, ``train_labels``, optional
   ``val_images``/``val_labels``);
 - an image folder with one sub-folder per class name, optionally under
-  ``train/`` and ``val/``. Unreadable images are skipped and reported.
+  ``train/`` and ``val/``;
+- a CSV manifest (``path,label`` and an optional ``split`` column of
+  ``train``/``val``; paths relative to the manifest's folder).
+
+Images may be PNG, JPEG and the other formats PIL reads, or DICOM (with the
+``fedhead[dicom]`` extra). Unreadable images are skipped and reported.
 
 The readers and their checks are :mod:`common.data_formats`'s, shared with the
 server's held-out evaluation and the benchmark loaders.
@@ -24,7 +29,9 @@ from pathlib import Path
 import torch
 
 from common.config import RunConfig
-from common.data_formats import SkippedFile, Split, check_labels, empty_classes, image_to_uint8, read_npz, read_site_folder
+from common.data_formats import (
+    SkippedFile, Split, check_labels, empty_classes, image_to_uint8, read_manifest, read_npz, read_site_folder,
+)
 from common.errors import DataError
 
 __all__ = ["SiteData", "Split", "SkippedFile", "image_to_uint8", "load_site_data"]
@@ -60,9 +67,10 @@ def _record_digests(split: Split) -> list[str]:
 
 
 def _take(split: Split, idx: torch.Tensor) -> Split:
+    kinds = None if split.kinds is None else [split.kinds[i] for i in idx.tolist()]
     if isinstance(split.images, torch.Tensor):
-        return Split(split.images[idx], split.labels[idx])
-    return Split([split.images[i] for i in idx.tolist()], split.labels[idx])
+        return Split(split.images[idx], split.labels[idx], kinds)
+    return Split([split.images[i] for i in idx.tolist()], split.labels[idx], kinds)
 
 
 def _split_off_val(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
@@ -92,13 +100,15 @@ def load_site_data(path: Path, cfg: RunConfig, *, name: str = "site") -> SiteDat
     """
     path = Path(path)
     skipped: list[SkippedFile] = []
-    if path.is_file() and path.suffix == ".npz":
+    if path.is_file() and path.suffix.lower() == ".npz":
         splits = read_npz(path, prefixes=("train", "val"), required=("train",))
         train, val = splits["train"], splits.get("val")
+    elif path.is_file() and path.suffix.lower() == ".csv":
+        train, val, skipped = read_manifest(path, cfg.class_names)
     elif path.is_dir():
         train, val, skipped = read_site_folder(path, cfg.class_names)
     else:
-        raise DataError(f"'{path}' is neither a .npz file nor an image folder; point data-dir at one")
+        raise DataError(f"'{path}' is neither a .npz file, a .csv manifest nor an image folder; point data-dir at one")
     if len(train) == 0:
         reason = f" ({len(skipped)} image files were skipped as unreadable)" if skipped else ""
         raise DataError(f"{path} holds no training images{reason}; a site needs at least one to train")

@@ -1,13 +1,22 @@
-"""The one reader per data format (MedMNIST-style .npz, image file, image folder), used by every caller.
+"""The one reader per data format (MedMNIST-style .npz, image file, image folder, CSV manifest), used by every caller.
 
 An .npz's problems are collected and raised once, as one DataError. An image
 that cannot be decoded safely (not an image, truncated, corrupt, a
-decompression bomb) raises UnreadableImageError; folder readers skip it and
-return a SkippedFile with the reason.
+decompression bomb, a DICOM file fedhead does not read) raises
+UnreadableImageError; folder and manifest readers skip it and return a
+SkippedFile with the reason. DICOM files are read by :mod:`common.dicom`.
+
+A CSV manifest (``.csv``, UTF-8) has a header row naming a ``path`` and a
+``label`` column, and optionally a ``split`` column (``train`` or ``val``);
+other columns are ignored. Paths are relative to the manifest's folder;
+labels are class names exactly as the run's classes spell them (an integer
+is read as a class's name, never as its index). Without a ``split`` column,
+or without any ``val`` row, every row is training data.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import logging
 import struct
@@ -15,35 +24,58 @@ import warnings
 import zipfile
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from common.errors import DataError
+from common.dicom import DICOM_SUFFIXES, looks_like_dicom, read_dicom
+from common.errors import DataError, UnreadableImageError
 
 __all__ = [
-    "IMAGE_SUFFIXES", "Split", "SkippedFile", "UnreadableImageError",
-    "read_npz", "image_to_uint8", "read_image_file", "read_image_folder", "read_site_folder",
-    "read_benchmark_folder", "check_labels", "empty_classes",
+    "IMAGE_SUFFIXES", "MANIFEST_SPLITS", "ImageKind", "Split", "SkippedFile", "UnreadableImageError",
+    "read_npz", "image_to_uint8", "read_image", "read_image_file", "read_image_folder", "read_site_folder",
+    "read_manifest", "class_names_of", "read_benchmark_folder", "check_labels", "empty_classes",
 ]
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"})
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}) | DICOM_SUFFIXES
+MANIFEST_SPLITS = ("train", "val")
 _LAYOUT = "expected the MedMNIST layout: '<split>_images' (uint8) and '<split>_labels' (one class index per image)"
 _NPZ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error)
 
 
+@dataclass(frozen=True, order=True)
+class ImageKind:
+    """How one image file was stored: its format, size, channels as read, and bits per sample as stored."""
+
+    format: str
+    width: int
+    height: int
+    channels: int
+    bits: int
+    detail: str = ""
+
+    def __str__(self) -> str:
+        colour = "grey" if self.channels == 1 else "RGB"
+        detail = f" ({self.detail})" if self.detail else ""
+        return f"{self.width}x{self.height} {colour} {self.bits}-bit {self.format}{detail}"
+
+
 @dataclass
 class Split:
-    """Images (one uint8 tensor, or a list of single (C, H, W) images) and int64 labels."""
+    """Images (one uint8 tensor, or a list of single (C, H, W) images) and int64 labels.
+
+    ``kinds``: how each image was stored, where it was read from a file (None for arrays).
+    """
 
     images: torch.Tensor | list[torch.Tensor]
     labels: torch.Tensor
+    kinds: list[ImageKind] | None = field(default=None, compare=False)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -65,14 +97,6 @@ class SkippedFile:
 
     path: str
     reason: str
-
-
-class UnreadableImageError(DataError):
-    """An image file that cannot be decoded safely; ``reason`` says why, without the path."""
-
-    def __init__(self, path: str | Path, reason: str) -> None:
-        self.path, self.reason = str(path), reason
-        super().__init__(f"cannot read image '{path}': {reason}; replace or remove the file")
 
 
 def read_npz(
@@ -151,22 +175,56 @@ def image_to_uint8(img: Image.Image) -> np.ndarray:
 def read_image_file(path: str | Path) -> torch.Tensor:
     """One image as (C, H, W) uint8: C = 1 for greyscale, else 3 (palette, RGBA, CMYK -> RGB).
 
-    UnreadableImageError: not an image, truncated or corrupt, or over ``PIL.Image.MAX_IMAGE_PIXELS``.
+    UnreadableImageError: not an image, truncated or corrupt, over ``PIL.Image.MAX_IMAGE_PIXELS``,
+    or a DICOM file :mod:`common.dicom` does not read.
     """
+    return read_image(path)[0]
+
+
+def read_image(path: str | Path) -> tuple[torch.Tensor, ImageKind]:
+    """:func:`read_image_file`'s image, and how the file stored it.
+
+    ``.dcm`` files, and files of any name that PIL cannot identify but that hold DICOM's marker, are read as DICOM.
+    """
+    if Path(path).suffix.lower() in DICOM_SUFFIXES:
+        array, kind = _read_dicom_file(path)
+    else:
+        try:
+            array, kind = _read_pil_file(path)
+        except UnreadableImageError:
+            if not looks_like_dicom(path):
+                raise
+            array, kind = _read_dicom_file(path)
+    tensor = torch.from_numpy(array.copy())
+    return (tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1)), kind
+
+
+def _read_dicom_file(path: str | Path) -> tuple[np.ndarray, ImageKind]:
+    image = read_dicom(path)
+    height, width = image.pixels.shape
+    return image.pixels, ImageKind("DICOM", width, height, 1, image.bits_stored, image.describe())
+
+
+def _read_pil_file(path: str | Path) -> tuple[np.ndarray, ImageKind]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 img.load()
                 array = image_to_uint8(img)
+                fmt, mode, (width, height) = img.format or "image", img.mode, img.size
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise UnreadableImageError(path, f"decompression bomb refused: {exc}") from exc
     except UnidentifiedImageError as exc:
         raise UnreadableImageError(path, "not an image file that PIL can identify") from exc
     except _DECODE_ERRORS as exc:
         raise UnreadableImageError(path, f"truncated or corrupt image: {exc}") from exc
-    tensor = torch.from_numpy(array.copy())
-    return tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1)
+    channels = 1 if array.ndim == 2 else array.shape[-1]
+    detail = "" if mode in ("L", "RGB") else f"mode {mode}"
+    return array, ImageKind(fmt, width, height, channels, _PIL_BITS.get(mode, 8), detail)
+
+
+_PIL_BITS = {"1": 1, "I;16": 16, "I;16B": 16, "I;16L": 16, "I;16N": 16, "I": 32, "F": 32}
 
 
 def read_image_folder(root: str | Path, class_names: Sequence[str]) -> tuple[Split, list[SkippedFile]]:
@@ -188,21 +246,23 @@ def read_image_folder(root: str | Path, class_names: Sequence[str]) -> tuple[Spl
         )
     outside = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
     skipped = [SkippedFile(str(p), "image outside any class folder; move it into its class's folder") for p in outside]
-    images, labels = [], []
+    images, labels, kinds = [], [], []
     for folder in folders:
         for file in sorted(folder.rglob("*")):
             hidden = any(part.startswith(".") for part in file.relative_to(folder).parts)
             if file.suffix.lower() not in IMAGE_SUFFIXES or hidden or not file.is_file():
                 continue
             try:
-                images.append(read_image_file(file))
+                image, kind = read_image(file)
             except UnreadableImageError as exc:
                 skipped.append(SkippedFile(str(file), exc.reason))
                 continue
+            images.append(image)
+            kinds.append(kind)
             labels.append(index[folder.name])
     for item in skipped:
         log.warning("skipping %s: %s", item.path, item.reason)
-    return Split(images, torch.tensor(labels, dtype=torch.int64)), skipped
+    return Split(images, torch.tensor(labels, dtype=torch.int64), kinds), skipped
 
 
 def read_site_folder(root: str | Path, class_names: Sequence[str]) -> tuple[Split, Split | None, list[SkippedFile]]:
@@ -214,6 +274,115 @@ def read_site_folder(root: str | Path, class_names: Sequence[str]) -> tuple[Spli
         return train, None, skipped
     val, more = read_image_folder(root / "val", class_names)
     return train, val, skipped + more
+
+
+@dataclass(frozen=True)
+class _ManifestRow:
+    row: int  # the spreadsheet's row number: the header is row 1
+    path: str
+    label: str
+    split: str
+
+
+_MANIFEST_FIX = "a manifest is a CSV file whose first row names the columns 'path' and 'label' (and optionally 'split': train or val)"
+
+
+def read_manifest(path: str | Path, class_names: Sequence[str]) -> tuple[Split, Split | None, list[SkippedFile]]:
+    """(train, val or None, skipped) of a CSV manifest; val is None when no row says ``val``.
+
+    DataError, naming the rows: no ``path`` or ``label`` column, an empty cell, a split other than train/val,
+    a file listed twice, a label not among ``class_names``. A missing or unreadable file is skipped, its row named.
+    """
+    path = Path(path)
+    rows = _manifest_rows(path)
+    index = {name: i for i, name in enumerate(class_names)}
+    unknown = [f"row {r.row} '{r.label}'" for r in rows if r.label not in index]
+    if unknown:
+        raise DataError(
+            f"'{path}' has labels that are not among the run's classes ({', '.join(class_names)}): {_listed(unknown)}; "
+            "correct those rows or set run-config 'classes' (labels are class names, not indices)"
+        )
+    parts: dict[str, tuple[list, list, list]] = {name: ([], [], []) for name in MANIFEST_SPLITS}
+    skipped: list[SkippedFile] = []
+    for row in rows:
+        file = path.parent / row.path
+        try:
+            if not file.is_file():
+                raise UnreadableImageError(file, "no such file")
+            image, kind = read_image(file)
+        except UnreadableImageError as exc:
+            skipped.append(SkippedFile(str(file), f"row {row.row}: {exc.reason}"))
+            continue
+        images, labels, kinds = parts[row.split]
+        images.append(image)
+        labels.append(index[row.label])
+        kinds.append(kind)
+    for item in skipped:
+        log.warning("skipping %s: %s", item.path, item.reason)
+    train, val = (Split(i, torch.tensor(l, dtype=torch.int64), k) for i, l, k in parts.values())
+    return train, (val if any(r.split == "val" for r in rows) else None), skipped
+
+
+def _manifest_rows(path: Path) -> list[_ManifestRow]:
+    """The rows of a manifest, checked for structure (not labels); every problem raised at once, as one DataError."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as file:
+            records = list(csv.reader(file))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"'{path}' is not UTF-8 text ({exc.reason} at byte {exc.start}); save the spreadsheet as 'CSV UTF-8'") from exc
+    except (OSError, csv.Error) as exc:
+        raise DataError(f"cannot read '{path}' as CSV: {exc}; {_MANIFEST_FIX}") from exc
+    header = [cell.strip().lower() for cell in records[0]] if records else []
+    missing = [name for name in ("path", "label") if name not in header]
+    if missing:
+        found = f"its first row is {records[0]}" if records else "it is empty"
+        raise DataError(f"'{path}' has no {' or '.join(repr(m) for m in missing)} column ({found}); {_MANIFEST_FIX}")
+    rows, problems = [], []
+    for number, cells in enumerate(records[1:], start=2):
+        if any(cell.strip() for cell in cells):
+            rows.append(_manifest_row(number, dict(zip(header, (cell.strip() for cell in cells))), problems))
+    problems += _repeated_paths(rows)
+    if problems:
+        raise DataError(f"'{path}': {_listed(problems)}; correct those rows ({_MANIFEST_FIX})")
+    return rows
+
+
+def _manifest_row(number: int, cells: dict[str, str], problems: list[str]) -> _ManifestRow:
+    path, label, split = cells.get("path", ""), cells.get("label", ""), cells.get("split", "train").lower()
+    for name, value in (("path", path), ("label", label)):
+        if not value:
+            problems.append(f"row {number}: empty {name}")
+    if split not in MANIFEST_SPLITS:
+        problems.append(f"row {number}: split '{cells.get('split')}' is not {' or '.join(MANIFEST_SPLITS)}")
+    return _ManifestRow(number, path, label, split)
+
+
+def _repeated_paths(rows: list[_ManifestRow]) -> list[str]:
+    first: dict[str, int] = {}
+    problems = []
+    for row in rows:
+        key = Path(row.path).as_posix()
+        if row.path and key in first:
+            problems.append(f"rows {first[key]} and {row.row} list the same file '{row.path}'")
+        first.setdefault(key, row.row)
+    return problems
+
+
+def _listed(problems: list[str], limit: int = 10) -> str:
+    more = f"; and {len(problems) - limit} more" if len(problems) > limit else ""
+    return "; ".join(problems[:limit]) + more
+
+
+def class_names_of(path: str | Path) -> tuple[str, ...] | None:
+    """The class names a site's data holds, sorted: its manifest's labels or its class folders
+    (those under ``train/`` and ``val/`` where it has them); None for an .npz, which holds indices only."""
+    path = Path(path)
+    if path.is_file() and path.suffix.lower() == ".csv":
+        return tuple(sorted({row.label for row in _manifest_rows(path)}))
+    if not path.is_dir():
+        return None
+    roots = [path / name for name in ("train", "val") if (path / name).is_dir()] or [path]
+    return tuple(sorted({p.name for root in roots for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}))
 
 
 def read_benchmark_folder(root: str | Path) -> tuple[Split, Split, tuple[str, ...], list[SkippedFile]]:

@@ -7,6 +7,7 @@ __all__ = [
     "ConfigError",
     "WeightsError",
     "DataError",
+    "UnreadableImageError",
     "CacheError",
     "ReplyError",
     "SiteFailedError",
@@ -36,6 +37,14 @@ class WeightsError(FedHeadError, FileNotFoundError):
 
 class DataError(FedHeadError, ValueError):
     """Site or benchmark data is missing, malformed or inconsistent."""
+
+
+class UnreadableImageError(DataError):
+    """An image file that cannot be decoded safely; ``reason`` says why, without the path."""
+
+    def __init__(self, path: object, reason: str) -> None:
+        self.path, self.reason = str(path), reason
+        super().__init__(f"cannot read image '{path}': {reason}; replace or remove the file")
 
 
 class CacheError(FedHeadError, OSError):

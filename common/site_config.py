@@ -85,7 +85,7 @@ def build_site_config(node_config: Mapping[str, Any]) -> SiteConfig:
     if "data-dir" in node_config:
         data_dir = Path(str(node_config["data-dir"])).expanduser().resolve()
         if not data_dir.exists():
-            problems.append(f"'data-dir' = '{data_dir}' does not exist; point it at the site's images or .npz file")
+            problems.append(f"'data-dir' = '{data_dir}' does not exist; point it at the site's image folder, .csv manifest or .npz file")
     elif partition_id is None:
         problems.append("node config names no data: give the SuperNode --node-config \"data-dir='/path/to/images'\"")
     policy = None

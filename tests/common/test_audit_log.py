@@ -38,7 +38,7 @@ def signed_run(tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
     cfg = build_run_config(
         pretrained=False, image_size=32, num_server_rounds=3, dataset="digits",
-        classes=",".join(str(d) for d in range(10)), run_dir=str(tmp_path_factory.mktemp("runs")), run_name="audited",
+        classes=",".join(str(d) for d in range(10)), run_dir=str(tmp_path_factory.mktemp("runs")), run_name="audited", export_onnx=False,
         dp="both", sites_per_round=2, target_epsilon=8.0, central_clip_norm=1.0,
     )
     sha = build_split_model(cfg).weights_sha256

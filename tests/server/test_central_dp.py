@@ -28,7 +28,7 @@ EVAL = {"num-examples": 10, "backbone-forwards-eval": 0, "eval-loss": 1.0, "eval
 def _cfg(tmp_path, name, **changes):
     settings = dict(
         pretrained=False, image_size=32, num_server_rounds=3, dataset="digits",
-        classes=",".join(str(d) for d in range(10)), run_dir=str(tmp_path), run_name=name,
+        classes=",".join(str(d) for d in range(10)), run_dir=str(tmp_path), run_name=name, export_onnx=False,
         dp="central", sites_per_round=3, target_epsilon=3.0, central_clip_norm=0.5,
     )
     return build_run_config(**{**settings, **changes})
