@@ -128,8 +128,9 @@ def _prepare(msg: Message, context: Context) -> _Site:
             f"file (`fedhead weights stage FILE`) before joining"
         )
     load_arrayrecord(model.trainable, instruction.arrays)
+    extraction = resolve_extraction(site_cfg.device, site_cfg.precision)  # a missing GPU is named before any image is read
     data = load_site_data(_data_path(cfg, site_cfg), cfg, name=site_cfg.site_name)
-    site = _Site(cfg, site_cfg, instruction, model, data, str(context.run_id), resolve_extraction(site_cfg.device, site_cfg.precision))
+    site = _Site(cfg, site_cfg, instruction, model, data, str(context.run_id), extraction)
     model.trunk.to(site.extraction.device)
     model.trainable.to(site.train_device)
     return site

@@ -103,7 +103,7 @@ class RunConfig:
     seed: int = 42
     run_dir: str = "runs"
     run_name: str = ""
-    export_onnx: bool = True  # model/model.onnx beside model.pt2 (about 12 s at the end of a run on 2 cores)
+    export_onnx: bool = True  # model/model.onnx beside model.pt2 (about 13 s at the end of a run on 2 cores)
 
     @property
     def class_names(self) -> tuple[str, ...]:

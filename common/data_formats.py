@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import posixpath
 import logging
 import struct
 import warnings
@@ -361,7 +362,9 @@ def _repeated_paths(rows: list[_ManifestRow]) -> list[str]:
     first: dict[str, int] = {}
     problems = []
     for row in rows:
-        key = Path(row.path).as_posix()
+        key = posixpath.normpath(row.path)  # sub/../a.png is a.png
+        if row.path and (posixpath.isabs(key) or key == ".." or key.startswith("../")):
+            problems.append(f"row {row.row}: '{row.path}' is outside the manifest's folder; give paths relative to it")
         if row.path and key in first:
             problems.append(f"rows {first[key]} and {row.row} list the same file '{row.path}'")
         first.setdefault(key, row.row)

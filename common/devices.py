@@ -72,8 +72,12 @@ class Extraction:
         if self.mixed:
             return torch.autocast(device_type=self.device.type, dtype=getattr(torch, self.precision))
         if self.device.type == "cuda":
+            stack = contextlib.ExitStack()
             cudnn = torch.backends.cudnn
-            return cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic, allow_tf32=False)
+            stack.enter_context(cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic, allow_tf32=False))
+            stack.callback(torch.set_float32_matmul_precision, torch.get_float32_matmul_precision())
+            torch.set_float32_matmul_precision("highest")  # no TF32 in linear layers either (vgg16, vit_b_16)
+            return stack
         return contextlib.nullcontext()
 
     def describe(self) -> str:

@@ -74,6 +74,15 @@ def looks_like_dicom(path: str | Path) -> bool:
 
 def read_dicom(path: str | Path) -> DicomImage:
     """One single-frame monochrome DICOM image as 8-bit grey; UnreadableImageError says why one cannot be read."""
+    try:
+        return _read_dicom(path)
+    except UnreadableImageError:
+        raise
+    except Exception as exc:  # a damaged file makes pydicom raise many types (struct.error, BytesLengthException, ValueError)
+        raise UnreadableImageError(path, f"truncated or malformed DICOM file: {_first_line(exc)}") from exc
+
+
+def _read_dicom(path: str | Path) -> DicomImage:
     pydicom = _import_pydicom(path)
     ds = _read_dataset(pydicom, path)
     photometric, ts = _check_image(ds, path)
@@ -122,7 +131,7 @@ def _check_image(ds: Any, path: str | Path) -> tuple[str, Any]:
             path, f"photometric interpretation {shown}: fedhead reads monochrome radiographs (MONOCHROME1 or MONOCHROME2); convert the file to greyscale"
         )
     rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
-    if rows * columns > Image.MAX_IMAGE_PIXELS:
+    if Image.MAX_IMAGE_PIXELS and rows * columns > Image.MAX_IMAGE_PIXELS:
         limit = f"{Image.MAX_IMAGE_PIXELS:,} pixels (PIL.Image.MAX_IMAGE_PIXELS)"
         raise UnreadableImageError(path, f"decompression bomb refused: {rows} x {columns} pixels is over the limit of {limit}")
     frames = get_nr_frames(ds, warn=False)

@@ -66,8 +66,8 @@ def build_site_config(node_config: Mapping[str, Any]) -> SiteConfig:
 
     Defaults: ``site-name`` from the partition id (``site-<i>``) else ``site``;
     ``state-dir`` ``$FEDHEAD_HOME/sites/<site-name>``; ``device`` ``auto`` (CUDA
-    when torch sees a GPU, else the CPU); ``precision`` ``auto`` (float16
-    autocast for feature extraction on a GPU, float32 on the CPU).
+    when torch sees a GPU, else the CPU); ``precision`` ``auto`` (float32;
+    ``float16`` is the faster GPU path, see common.devices).
     The state folder is created and proven writable here, before any work.
     """
     problems: list[str] = []

@@ -176,6 +176,8 @@ def export_model(
     except Exception as exc:  # torch.export rejects some graphs: recorded, and the run is marked degraded
         errors["torch_export"] = f"{type(exc).__name__}: {exc}"
         log.error("could not export the model with torch.export (%s); head.safetensors is written", exc)
+    if onnx and program is None:
+        errors["onnx"] = "not attempted: it is exported from the torch.export program, which failed"
     if onnx and program is not None:
         try:
             _export_onnx(program, example, out_dir / "model.onnx")

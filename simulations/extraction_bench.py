@@ -1,7 +1,8 @@
 """``fedhead bench-extraction``: feature-extraction throughput per backbone, device and precision, in one run.
 
 Each arm runs :func:`common.features.extract_features`, the code a site runs
-(resize on the CPU, the trunk on the device, features back on the CPU), over
+(resize on the CPU in float32 or on the GPU under float16, the trunk on the
+device, features back on the CPU), over
 the same synthetic grey uint8 images, after one warm-up batch. Pretrained
 weights are used where they are staged, else random ones (the same
 arithmetic, no download needed), and each arm says which. Reported: images

@@ -203,3 +203,17 @@ def test_every_variant_of_the_site_writer_round_trips(tmp_path, variant):
     image = np.linspace(0, 255, 64).round().astype(np.uint8).reshape(8, 8)
     stored, kwargs = encode(image, variant)
     assert np.array_equal(_read(write_dicom(tmp_path / "v.dcm", stored, **kwargs)), image)
+
+
+def test_a_truncated_or_damaged_dicom_file_is_skipped_with_a_reason_at_any_cut(tmp_path):
+    whole = tmp_path / "whole.dcm"
+    write_dicom(whole, np.arange(64, dtype=np.uint16).reshape(8, 8) * 64, photometric="MONOCHROME2", bits_stored=12)
+    data = whole.read_bytes()
+    folder = tmp_path / "site" / "a"
+    folder.mkdir(parents=True)
+    cuts = sorted({132, 143, 153, 155, 300, 596, 599, len(data) // 2, len(data) - 10})
+    for cut in cuts:
+        (folder / f"cut-{cut}.dcm").write_bytes(data[:cut])
+    split, skipped = read_image_folder(tmp_path / "site", ["a"])
+    assert len(split) + len(skipped) == len(cuts) and len(skipped) >= len(cuts) - 1
+    assert all(s.reason for s in skipped)

@@ -109,3 +109,15 @@ def test_a_manifest_that_is_not_utf8_text_says_how_to_save_it(tmp_path):
     manifest.write_bytes("path,label\nröntgen.png,normal\n".encode("latin-1"))
     with pytest.raises(DataError, match="is not UTF-8 text.*save the spreadsheet as 'CSV UTF-8'"):
         read_manifest(manifest, CLASSES)
+
+
+def test_the_same_file_spelled_another_way_and_paths_outside_the_folder_are_refused(tmp_path, digits):
+    rows = _rows(4)
+    rows[2] = "images/sub/../0.png,pneumonia,val"  # image 0 again, in val, with another label
+    rows[3] = "../elsewhere/3.png,pneumonia,train"
+    manifest, _ = _site(tmp_path, digits, rows)
+    with pytest.raises(DataError) as caught:
+        read_manifest(manifest, CLASSES)
+    message = str(caught.value)
+    assert "rows 2 and 4 list the same file 'images/sub/../0.png'" in message
+    assert "row 5: '../elsewhere/3.png' is outside the manifest's folder" in message
