@@ -20,9 +20,8 @@ from common.errors import ConfigError
 from common.files import ensure_writable_dir
 from common.paths import fedhead_home
 
-__all__ = ["SiteConfig", "build_site_config", "DEVICES"]
+__all__ = ["SiteConfig", "build_site_config"]
 
-DEVICES = ("auto", "cpu", "cuda")
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 _KEYS = ("site-name", "data-dir", "state-dir", "policy", "device", "precision", "partition-id", "num-partitions")
 
