@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import subprocess
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -144,6 +145,7 @@ def _run(
             for site in sites:
                 node_id = enrol_site(files, site.name, make_site_key(site.state_dir), superlink=address)
                 log.info("enrolled %s as node %d", site.name, node_id)
+            node_env = {**env, "OMP_NUM_THREADS": str(_threads_per_site(len(sites)))}
             for site in sites:
                 node_config = {"site-name": site.name, "data-dir": str(site.data_dir), "state-dir": str(site.state_dir)}
                 if site.name in policies:
@@ -151,7 +153,7 @@ def _run(
                 command = supernode_command(superlink=address, ca_cert=files.ca.cert, private_key=site.node_key,
                                             port=free_port(), node_config=node_config)
                 log_file = root / f"{site.name}.log"
-                nodes[site.name] = (stack.enter_context(process_group(command, env, log_file)), log_file)
+                nodes[site.name] = (stack.enter_context(process_group(command, node_env, log_file)), log_file)
             pids = {name: p.pid for name, (p, _) in nodes.items()}
             pids = {"superlink": superlink_pid(home), **pids}
             listing = {"flwr_home": str(home), "superlink": address, "ca": str(files.ca.cert)}
@@ -174,6 +176,15 @@ def _run(
             stop_everything(home, process)
             raise
         (root / PROCESSES_FILE).unlink(missing_ok=True)
+
+
+def _threads_per_site(num_sites: int) -> int:
+    """The CPU threads each site's torch may use when ``num_sites`` SuperNodes share this machine.
+
+    A real site has its machine to itself; in a trial, N processes each
+    running one torch thread per core would oversubscribe the cores.
+    """
+    return max(1, (os.cpu_count() or 1) // num_sites)
 
 
 def _lines_while_watching(process: subprocess.Popen, watch: _NodeWatch) -> Iterator[str]:
