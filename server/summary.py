@@ -4,19 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
-
 from common.config import RunConfig
 from common.model import SplitModel, trainable_parameters
 from common.round_record import RoundRecord
 
-__all__ = ["build_summary", "module_bytes"]
-
-
-def module_bytes(module: nn.Module) -> int:
-    """Bytes of every parameter and buffer of ``module``."""
-    tensors = list(module.parameters()) + list(module.buffers())
-    return int(sum(t.numel() * t.element_size() for t in tensors))
+__all__ = ["build_summary"]
 
 
 def _forwards(history: list[RoundRecord]) -> tuple[dict[str, dict[str, int]], dict[str, int], int]:
@@ -78,7 +70,7 @@ def build_summary(
     federated = last.federated_eval if last else {}
     final = central or federated
     head_bytes = int(sum(p.numel() * p.element_size() for _, p in trainable_parameters(model.trainable)))
-    full_bytes = module_bytes(model.trunk) + module_bytes(model.trainable)
+    full_bytes = model.model_bytes()
     trains = [s.train for r in history for s in r.sites.values() if s.train and s.train.accepted]
     train_down = max((t.bytes_down for t in trains), default=0)
     train_up = max((t.bytes_up for t in trains), default=0)

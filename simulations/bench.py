@@ -33,7 +33,6 @@ from common.exchange import arrays_nbytes, to_arrayrecord
 from common.benchmarks import load_benchmark
 from common.model import build_split_model
 from common.privacy import calibrate_noise_multiplier
-from server.summary import module_bytes
 
 __all__ = ["run_bench"]
 
@@ -94,7 +93,7 @@ def run_bench(*, images: int = 2000, epochs: int = 2, rounds: int = 3, image_siz
             results[f"{arm}_forwards"] = train_src.forwards + val_src.forwards
             accuracy[arm] = evaluate_locally(model.trainable, val_src, val.labels, 10)["accuracy"]
     head = arrays_nbytes(to_arrayrecord(model.trainable))
-    full = module_bytes(model.trunk) + module_bytes(model.trainable)
+    full = model.model_bytes()
     results["speedup"] = results["plain_seconds"] / results["cached_seconds"]
     results["dp_cost"] = results["dp_train_seconds"] / results["cached_train_seconds"]
     results["bytes_fraction"] = head / full

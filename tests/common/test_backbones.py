@@ -61,3 +61,20 @@ def test_random_backbone_is_identical_at_every_site():
     cfg = build_run_config(pretrained=False, seed=3)
     assert build_split_model(cfg).weights_sha256 == build_split_model(cfg).weights_sha256
     assert build_split_model(cfg).weights_sha256 != build_split_model(build_run_config(pretrained=False, seed=4)).weights_sha256
+
+
+def test_the_frozen_trunk_has_its_batch_norms_folded_and_gives_the_same_features(monkeypatch):
+    import common.model
+
+    cfg = build_run_config()  # pretrained mobilenet_v2: real BatchNorm statistics, not the identity of a fresh one
+    folded = build_split_model(cfg)
+    monkeypatch.setattr(common.model, "_fold_batch_norms", lambda trunk: 0)
+    plain = build_split_model(cfg)
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in plain.trunk.modules()) == 52
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.trunk.modules())
+    assert not any(p.requires_grad for p in folded.trunk.parameters())
+    images = torch.randint(0, 256, (8, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = folded.trunk(folded.preprocessing(images)), plain.trunk(plain.preprocessing(images))
+    assert ((a - b).norm(dim=1) / b.norm(dim=1)).max() < 1e-4
+    assert not torch.equal(a, b)  # folded for real: the arithmetic differs in the last bits

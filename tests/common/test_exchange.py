@@ -11,7 +11,6 @@ from common.config import build_run_config
 from common.errors import ReplyError
 from common.exchange import arrays_nbytes, load_arrayrecord, to_arrayrecord, trainable_layout, validate_arrays
 from common.model import build_split_model
-from server.summary import module_bytes
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +22,7 @@ def test_only_the_head_travels_and_is_under_one_percent_of_the_model(model):
     record = to_arrayrecord(model.trainable)
     assert set(record.keys()) == {"head.weight", "head.bias"}
     assert arrays_nbytes(record) == (1280 * 10 + 10) * 4
-    full = module_bytes(model.trunk) + module_bytes(model.trainable)
+    full = model.model_bytes()
     assert record.count_bytes() <= 0.01 * full
 
 
