@@ -168,6 +168,8 @@ def _train(site: _Site) -> RecordDict:
             site.model.trainable, train_source, data.train.labels, cfg,
             plan=plan, ledger=ledger, run_id=site.run_id,
             server_round=site.instruction.server_round, proximal_mu=site.instruction.proximal_mu,
+            optimizer_state_file=(Path(site.site_cfg.state_dir) / "dp-optimizer" / f"{site.run_id}.pt"
+                                  if cfg.keep_optimizer_state else None),
         )
     else:
         report = train_locally(

@@ -66,6 +66,7 @@ class DPTrainReport:
     max_per_sample_norm: float
     clipped_fraction: float
     seconds: float
+    optimizer_state: dict | None = None  # the base optimizer's state after the last step (site-local; see train_privately)
 
 
 def secret_generator() -> torch.Generator:
@@ -144,12 +145,17 @@ def train_privately(
     proximal_mu: float = 0.0,
     global_params: list[torch.Tensor] | None = None,
     generator: torch.Generator,
+    optimizer_state: dict | None = None,
 ) -> tuple[DPTrainReport, DPEvent]:
     """``steps`` DP-SGD steps on ``train_source``; returns the report and the DP event actually run.
 
     ``steps`` is the caller's plan (``local_epochs * round(1 / sample_rate)``),
     ``noise_multiplier`` the run's calibrated one. ``global_params`` (default:
     the parameters on entry) anchor the FedProx term when ``proximal_mu`` > 0.
+    ``optimizer_state`` (the report's ``optimizer_state`` of this site's previous
+    round) continues the base optimizer's moments instead of starting them from
+    zero: they are functions of gradients already noised, so carrying them over
+    is post-processing, and they never leave the site.
     """
     DPEvent(noise_multiplier, sample_rate, steps, cfg.max_grad_norm, cfg.accountant)  # validates the plan
     n, views, clip = len(train_source), train_source.num_views, cfg.max_grad_norm
@@ -173,6 +179,12 @@ def train_privately(
         if problems := ModuleValidator.validate(trainable, strict=False):
             raise DPTrainingError(f"the trainable part fails Opacus's validators: {problems}")
         base = build_optimizer(trainable, cfg)
+        if optimizer_state is not None:
+            try:
+                base.load_state_dict(optimizer_state)
+            except (ValueError, KeyError, TypeError, RuntimeError) as exc:  # another head, another optimizer
+                log.warning("round %d: the kept optimizer state does not fit (%s); the optimizer starts afresh", server_round, exc)
+                base = build_optimizer(trainable, cfg)
         kwargs = dict(noise_multiplier=noise_multiplier, max_grad_norm=clip, expected_batch_size=sample_rate * n, generator=generator)
         criterion, module = _ViewsLoss(cfg.label_smoothing), None
         if mode == "hooks":
@@ -240,6 +252,7 @@ def train_privately(
         train_loss=total_loss / seen if seen else math.nan, val_loss=math.nan, steps=len(batch_sizes),
         grad_sample_mode=mode, batch_sizes=batch_sizes, per_sample_gradients=counts, max_per_sample_norm=max_norm,
         clipped_fraction=clipped / seen if seen else 0.0, seconds=time.monotonic() - started,
+        optimizer_state=base.state_dict(),
     )
     log.debug("round %d: %d DP-SGD steps (%s), mean batch %.1f, %.0f%% of per-image gradients clipped",
               server_round, report.steps, mode, seen / max(report.steps, 1), 100 * report.clipped_fraction)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -22,6 +23,7 @@ from client.privacy_ledger import PrivacyLedger
 from client.privacy_policy import SitePolicy, check_round, load_policy
 from common.config import RunConfig
 from common.errors import ConfigError
+from common.files import atomic_path
 from common.privacy import DPEvent, calibrate_noise_multiplier, epsilon_spent
 from common.protocol import PrivacyReport
 from common.site_config import SiteConfig
@@ -95,6 +97,17 @@ def check_policy(
     )
 
 
+def _read_optimizer_state(path: Path | None) -> dict | None:
+    """The optimizer state a previous round kept in ``path``; None when there is none or it cannot be read."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as exc:  # a damaged file costs this round's momentum, nothing else
+        log.warning("%s cannot be read (%s); the optimizer starts afresh this round", path.name, type(exc).__name__)
+        return None
+
+
 def train_round_privately(
     trainable: torch.nn.Module,
     source: FeatureSource,
@@ -106,8 +119,14 @@ def train_round_privately(
     run_id: str,
     server_round: int,
     proximal_mu: float,
+    optimizer_state_file: Path | None = None,
 ) -> tuple[DPTrainReport, PrivacyReport]:
-    """Run the planned DP-SGD, record its event in the ledger, report what this run and this data have spent."""
+    """Run the planned DP-SGD, record its event in the ledger, report what this run and this data have spent.
+
+    With ``optimizer_state_file`` (run-config ``keep-optimizer-state``) the
+    optimizer's moments continue from this site's previous round of the same
+    run: read from that file in the site's state-dir, written back after.
+    """
     report, event = train_privately(
         trainable, source, labels, cfg,
         server_round=server_round,
@@ -116,7 +135,11 @@ def train_round_privately(
         steps=plan.event.steps,
         proximal_mu=proximal_mu,
         generator=secret_generator(),
+        optimizer_state=_read_optimizer_state(optimizer_state_file),
     )
+    if optimizer_state_file is not None and report.optimizer_state is not None:
+        with atomic_path(optimizer_state_file) as tmp:
+            torch.save(report.optimizer_state, tmp)
     ledger.record(plan.data_fingerprint, run_id=run_id, server_round=server_round, event=event)
     delta, accountant = cfg.target_delta, cfg.accountant
     privacy = PrivacyReport(

@@ -96,6 +96,7 @@ class RunConfig:
     target_epsilon: float = 8.0
     target_delta: float = 1e-5
     max_grad_norm: float = 1.0
+    keep_optimizer_state: bool = False  # DP-SGD: each site continues its optimizer's moments across a run's rounds (kept in its state-dir)
     central_clipping: str = "server"  # who clips each site's update to central-clip-norm: the server or the site
     central_clip_norm: float = 1.0
     central_noise_multiplier: float = 0.0  # 0: calibrated so that the run ends at target-epsilon

@@ -107,7 +107,7 @@ def privacy_sweep(
     sites: Annotated[int, typer.Option(min=1, help="Number of simulated sites.")] = 4,
     name: Annotated[str, typer.Option(help="Folder under run-dir holding the sweep's runs.")] = "privacy-sweep",
     run_config: Annotated[str, typer.Option("--run-config", metavar="'K=V ...'", help="Overrides for every run.")] = "",
-    dp_config: Annotated[str, typer.Option("--dp-config", metavar="'K=V ...'", help="Extra overrides for the DP runs only.")] = "dp-sample-rate=0.0667 lr=0.01",
+    dp_config: Annotated[str, typer.Option("--dp-config", metavar="'K=V ...'", help="Extra overrides for the DP runs only.")] = "dp-sample-rate=0.0667 lr=0.01 accountant='prv' keep-optimizer-state=true",
 ) -> None:
     """Run the task without DP and at each target epsilon; print and write the accuracy-epsilon table."""
     check_run_name(name)

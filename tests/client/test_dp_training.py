@@ -221,3 +221,30 @@ def test_an_open_mobilenet_stage_passes_opacus_and_keeps_its_batchnorm_statistic
     assert report.per_sample_gradients == report.batch_sizes
     assert norms and all(torch.equal(m.running_mean, a) and torch.equal(m.running_var, b) for m, (a, b) in zip(norms, statistics))
     assert all(not torch.equal(a, b) for a, b in zip(before, _params(model.trainable)))
+
+
+def test_a_kept_optimizer_state_continues_adams_moments_and_a_misfit_starts_afresh(digit_features, caplog):
+    x, y = digit_features
+    cfg = build_run_config(optimizer="adam", lr=0.02, max_grad_norm=1.0)
+    kwargs = dict(noise_multiplier=1.0, sample_rate=0.05, steps=20)
+    part = _part()
+    first, _ = train_privately(part, _source(x[:1500], 1), y[:1500], cfg, server_round=1, generator=torch.Generator().manual_seed(0), **kwargs)
+    assert [s["step"].item() for s in first.optimizer_state["state"].values()] == [20.0, 20.0]
+    second, _ = train_privately(part, _source(x[:1500], 1), y[:1500], cfg, server_round=2, generator=torch.Generator().manual_seed(1),
+                                optimizer_state=first.optimizer_state, **kwargs)
+    assert [s["step"].item() for s in second.optimizer_state["state"].values()] == [40.0, 40.0]  # moments carried on
+    misfit = _part("mlp")  # another head: the state's parameter groups do not fit it
+    third, _ = train_privately(misfit, _source(x[:1500], 1), y[:1500], cfg, server_round=3, generator=torch.Generator().manual_seed(2),
+                               optimizer_state=first.optimizer_state, **kwargs)
+    assert all(s["step"].item() == 20.0 for s in third.optimizer_state["state"].values())
+    assert "does not fit" in caplog.text
+
+
+def test_a_damaged_optimizer_state_file_costs_only_the_momentum(tmp_path, caplog):
+    from client.privacy_round import _read_optimizer_state
+
+    path = tmp_path / "dp-optimizer" / "run.pt"
+    assert _read_optimizer_state(path) is None and _read_optimizer_state(None) is None
+    path.parent.mkdir()
+    path.write_bytes(b"not a torch file")
+    assert _read_optimizer_state(path) is None and "cannot be read" in caplog.text
