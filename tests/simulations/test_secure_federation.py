@@ -39,6 +39,7 @@ from simulations.processes import find_by_env
 from simulations.runner import project_root
 from simulations.trial_federation import PROCESSES_FILE, trial_root
 from tests.headless_chromium import chromium, open_page
+from tests.trial_processes import started_trial
 
 pytestmark = pytest.mark.slow
 
@@ -80,14 +81,6 @@ def _started(pids) -> dict[int, float]:
     return found
 
 
-def _listing(trial: Path) -> dict | None:
-    try:
-        listing = json.loads((trial / PROCESSES_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return listing if "flwr-run" in listing.get("pids", {}) else None
-
-
 def _join(tmp: Path, who: str, listing: dict, ca: Path) -> subprocess.Popen:
     """`fedhead federation join` of a site the federation does not know: its own fresh key, the given CA."""
     state = tmp / who
@@ -119,7 +112,7 @@ def deployed(tmp_path_factory):
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
     try:
-        listing = _wait(lambda: _listing(trial), "the trial's processes started", cli, log)
+        listing = _wait(lambda: started_trial(trial), "the trial's processes started", cli, log)
         pids = _started([p for p in listing["pids"].values() if p] + find_by_env("FLWR_HOME", listing["flwr_home"]))
         joiners = {"rogue": _join(tmp, "rogue", listing, Path(listing["ca"])),
                    "stranger": _join(tmp, "stranger", listing, make_ca(tmp / "other-ca").cert)}

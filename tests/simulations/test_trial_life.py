@@ -28,6 +28,7 @@ from common.round_record import load_round_records
 from simulations.processes import find_by_env
 from simulations.runner import project_root
 from simulations.trial_federation import PROCESSES_FILE, trial_root
+from tests.trial_processes import started_trial
 
 pytestmark = pytest.mark.slow
 
@@ -51,14 +52,6 @@ def _wait(condition, what: str, process: subprocess.Popen, log: Path, timeout: f
             pytest.fail(f"{process.args[3:5]} ended (exit {process.returncode}) before {what}: {log.read_text()[-3000:]}")
         time.sleep(0.5)
     pytest.fail(f"{what} did not happen within {timeout} s: {log.read_text()[-3000:]}")
-
-
-def _listing(trial: Path) -> dict | None:
-    try:
-        listing = json.loads((trial / PROCESSES_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return listing if "flwr-run" in listing.get("pids", {}) else None
 
 
 def _processes(pids) -> list[psutil.Process]:
@@ -104,7 +97,7 @@ def test_a_node_restarted_between_rounds_rejoins_with_its_cache_and_ctrl_c_stops
               "--run-config", f"{RUN_CONFIG} num-server-rounds=30 run-dir='{tmp_path / 'runs'}'", log=up_log)
     join, join_home = None, tmp_path / "join-flwr-home"
     try:
-        listing = _wait(lambda: _listing(trial), "the trial's processes started", up, up_log)
+        listing = _wait(lambda: started_trial(trial), "the trial's processes started", up, up_log)
         started = _processes(listing["pids"].values()) + _processes(find_by_env("FLWR_HOME", listing["flwr_home"]))
         first = _wait(lambda: _rounds(run_dir).get(1), "round 1", up, up_log)
         assert "site-0" in first.aggregated_sites and first.sites["site-0"].train.backbone_forwards_train > 0
@@ -163,7 +156,7 @@ def test_down_stops_a_trial_whose_up_was_killed(tmp_path):
     up = _cli("federation", "up", "--sites", "1", "--name", name,
               "--run-config", f"{RUN_CONFIG} num-server-rounds=30 run-dir='{tmp_path / 'runs'}'", log=up_log)
     try:
-        listing = _wait(lambda: _listing(trial), "the trial's processes started", up, up_log)
+        listing = _wait(lambda: started_trial(trial), "the trial's processes started", up, up_log)
         os.kill(up.pid, signal.SIGKILL)  # the terminal is gone: nothing of up's own clean-up runs
         up.wait(timeout=30)
         left = _processes(listing["pids"].values())
