@@ -131,7 +131,7 @@ def _prepare(msg: Message, context: Context) -> _Site:
     extraction = resolve_extraction(site_cfg.device, site_cfg.precision)  # a missing GPU is named before any image is read
     data = load_site_data(_data_path(cfg, site_cfg), cfg, name=site_cfg.site_name)
     site = _Site(cfg, site_cfg, instruction, model, data, str(context.run_id), extraction)
-    model.trunk.to(site.extraction.device)
+    model.place_trunk(site.extraction.device)  # built only if a feature is missing from the cache
     model.trainable.to(site.train_device)
     return site
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 
 import torch
-from torchvision.transforms import v2
 
 from client.feature_cache import FeatureCache
 from client.site_data import Split
@@ -27,7 +26,9 @@ log = logging.getLogger(__name__)
 AUGMENTATION = "random-resized-crop(0.6-1.0)+hflip"
 
 
-def _augmenter(size: tuple[int, int]) -> v2.Compose:
+def _augmenter(size: tuple[int, int]):
+    from torchvision.transforms import v2  # only to compute views: a round served from the cache never imports it
+
     return v2.Compose([v2.RandomResizedCrop(size, scale=(0.6, 1.0), antialias=True), v2.RandomHorizontalFlip()])
 
 

@@ -5,6 +5,11 @@ image batch to a flat feature vector of ``feature_dim`` floats. With
 ``unfreeze-blocks=k`` the last ``k`` stages are trainable and the first
 ``len(stages) - k`` form the frozen trunk whose output the feature cache holds.
 
+What a site needs on a cache hit (the weights' release file, the
+normalisation, the number of stages) is written in each spec, so that such a
+round never imports torchvision; a test checks every entry against
+torchvision's own weights enum and architecture.
+
 Three doors, as in torchvision: :func:`register_backbone`,
 :func:`get_backbone_spec` and :func:`list_backbones`.
 """
@@ -16,7 +21,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torchvision import models
 
 from common.errors import ConfigError
 
@@ -28,19 +32,28 @@ class BackboneSpec:
     """What fedhead knows about one backbone.
 
     ``weights_entry`` names the torchvision weights enum entry used when
-    ``pretrained=true``; ``split`` turns a built model into its stages;
+    ``pretrained=true`` and ``release_file`` that entry's file name;
+    ``split`` turns a built model into its ``num_stages`` stages; ``mean``,
+    ``std`` and ``interpolation`` are the entry's preprocessing;
     ``fixed_image_size`` is set for architectures that accept only one size.
     """
 
     name: str
     feature_dim: int
     weights_entry: str
+    release_file: str
+    num_stages: int
     split: Callable[[nn.Module], list[nn.Module]]
+    interpolation: str = "bilinear"
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     fixed_image_size: int | None = None
 
     @property
     def weights_enum(self):
         """torchvision's weights enum class for this architecture."""
+        from torchvision import models  # imported only to build a model or download weights: ~2 s
+
         return models.get_model_weights(self.name)
 
     @property
@@ -50,6 +63,8 @@ class BackboneSpec:
 
     def build(self) -> nn.Module:
         """Build the architecture with random weights (weights are loaded separately)."""
+        from torchvision import models
+
         return models.get_model(self.name, weights=None)
 
 
@@ -150,13 +165,14 @@ def _split_vit(model: nn.Module) -> list[nn.Module]:
 
 
 for _spec in (
-    BackboneSpec("mobilenet_v2", 1280, "IMAGENET1K_V1", _split_features_then_pool),
-    BackboneSpec("mobilenet_v3_small", 576, "IMAGENET1K_V1", _split_features_then_pool),
-    BackboneSpec("resnet18", 512, "IMAGENET1K_V1", _split_resnet),
-    BackboneSpec("resnet50", 2048, "IMAGENET1K_V2", _split_resnet),
-    BackboneSpec("densenet121", 1024, "IMAGENET1K_V1", _split_densenet),
-    BackboneSpec("vgg16", 4096, "IMAGENET1K_V1", _split_vgg),
-    BackboneSpec("efficientnet_b0", 1280, "IMAGENET1K_V1", _split_features_then_pool),
-    BackboneSpec("vit_b_16", 768, "IMAGENET1K_V1", _split_vit, fixed_image_size=224),
+    BackboneSpec("mobilenet_v2", 1280, "IMAGENET1K_V1", "mobilenet_v2-b0353104.pth", 19, _split_features_then_pool),
+    BackboneSpec("mobilenet_v3_small", 576, "IMAGENET1K_V1", "mobilenet_v3_small-047dcff4.pth", 13, _split_features_then_pool),
+    BackboneSpec("resnet18", 512, "IMAGENET1K_V1", "resnet18-f37072fd.pth", 5, _split_resnet),
+    BackboneSpec("resnet50", 2048, "IMAGENET1K_V2", "resnet50-11ad3fa6.pth", 5, _split_resnet),
+    BackboneSpec("densenet121", 1024, "IMAGENET1K_V1", "densenet121-a639ec97.pth", 5, _split_densenet),
+    BackboneSpec("vgg16", 4096, "IMAGENET1K_V1", "vgg16-397923af.pth", 6, _split_vgg),
+    BackboneSpec("efficientnet_b0", 1280, "IMAGENET1K_V1", "efficientnet_b0_rwightman-7f5810bc.pth", 9,
+                 _split_features_then_pool, interpolation="bicubic"),
+    BackboneSpec("vit_b_16", 768, "IMAGENET1K_V1", "vit_b_16-c867db91.pth", 13, _split_vit, fixed_image_size=224),
 ):
     register_backbone(_spec)

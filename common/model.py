@@ -4,12 +4,18 @@
 optimizer, Opacus and the parameter exchange all draw from
 :func:`trainable_parameters` of the returned ``trainable`` module, so they can
 never disagree about the set.
+
+The frozen trunk is built when first used. A site whose features are all in
+its cache needs only the head, the weights' sha256 and the cache key, so its
+round never builds the backbone nor imports torchvision (about 2.5 s of every
+deployment ClientApp process on a 2-core machine).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -17,10 +23,10 @@ from torch import nn
 from common.backbones import BackboneSpec, get_backbone_spec
 from common.config import RunConfig
 from common.errors import ConfigError
-from common.hashing import sha256_arrays
+from common.hashing import sha256_arrays, sha256_file
 from common.heads import build_head, describe_head
 from common.preprocessing import Preprocessing, build_preprocessing
-from common.weights import load_pretrained_state
+from common.weights import read_weights_file, resolve_weights_file
 
 __all__ = ["SplitModel", "TrainablePart", "build_split_model", "module_bytes", "trainable_parameters"]
 
@@ -47,19 +53,56 @@ class TrainablePart(nn.Module):
         return self
 
 
-@dataclass
 class SplitModel:
-    """A backbone cut at ``cut`` stages, with its preprocessing and identity."""
+    """A backbone cut at ``cut`` stages, with its preprocessing and identity; the trunk is built on first use."""
 
-    spec: BackboneSpec
-    trunk: nn.Module
-    trainable: TrainablePart
-    preprocessing: Preprocessing
-    weights_sha256: str
-    cut: int
-    num_stages: int
-    head_layout: dict
-    trunk_bytes: int  # the trunk as published, before its BatchNorms were folded
+    def __init__(
+        self,
+        *,
+        spec: BackboneSpec,
+        trainable: TrainablePart,
+        preprocessing: Preprocessing,
+        weights_sha256: str,
+        cut: int,
+        head_layout: dict,
+        build_trunk: Callable[[], tuple[nn.Module, int]],
+    ) -> None:
+        self.spec = spec
+        self.trainable = trainable
+        self.preprocessing = preprocessing
+        self.weights_sha256 = weights_sha256
+        self.cut = cut
+        self.num_stages = spec.num_stages
+        self.head_layout = head_layout
+        self._build_trunk = build_trunk
+        self._trunk: nn.Module | None = None
+        self._trunk_bytes = 0
+        self._trunk_device = torch.device("cpu")
+
+    @property
+    def trunk(self) -> nn.Module:
+        """The frozen trunk (built, with its weights loaded, on first access; on :meth:`place_trunk`'s device)."""
+        if self._trunk is None:
+            self._trunk, self._trunk_bytes = self._build_trunk()
+            self._trunk.to(self._trunk_device)
+        return self._trunk
+
+    @property
+    def trunk_built(self) -> bool:
+        """Whether the trunk has been built (a round served from the feature cache never builds it)."""
+        return self._trunk is not None
+
+    def place_trunk(self, device: torch.device | str) -> None:
+        """Keep the trunk on ``device``: now if it is built, else when it is."""
+        self._trunk_device = torch.device(device)
+        if self._trunk is not None:
+            self._trunk.to(self._trunk_device)
+
+    @property
+    def trunk_bytes(self) -> int:
+        """Bytes of the trunk as published, before its BatchNorms were folded."""
+        self.trunk  # noqa: B018 (builds it if needed)
+        return self._trunk_bytes
 
     def model_bytes(self) -> int:
         """Bytes of the whole model (trunk as published, open stages, head): what a site would send without fedhead."""
@@ -117,39 +160,57 @@ def _fold_batch_norms(module: nn.Module) -> int:
     return folded
 
 
-def build_split_model(cfg: RunConfig, *, head_seed: int | None = None) -> SplitModel:
-    """Build the backbone named in ``cfg``, load its weights and cut it.
-
-    Pretrained weights resolve through :mod:`common.weights`; with
-    ``pretrained=false`` the backbone is randomly initialised from ``cfg.seed``
-    (identically at every site). The head is initialised from ``head_seed``
-    (default ``cfg.seed``).
-    """
-    spec = get_backbone_spec(cfg.backbone)
-    preprocessing = build_preprocessing(spec, cfg.image_size)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        model = spec.build()
-    if cfg.pretrained:
-        state, weights_sha256 = load_pretrained_state(spec, cfg.weights_file)
-        model.load_state_dict(state, strict=True)
-    else:
-        weights_sha256 = "random-init:" + sha256_arrays(model.state_dict())
-    stages = spec.split(model)
-    if cfg.unfreeze_blocks >= len(stages):
-        raise ConfigError(
-            f"'unfreeze-blocks' = {cfg.unfreeze_blocks}: backbone '{spec.name}' has "
-            f"{len(stages)} stages; choose 0..{len(stages) - 1}"
-        )
-    cut = len(stages) - cfg.unfreeze_blocks
-    trunk = nn.Sequential(*stages[:cut])
+def _frozen_trunk(stages: list[nn.Module]) -> tuple[nn.Module, int]:
+    """The trunk of ``stages``, frozen, BatchNorms folded; with its size in bytes before folding."""
+    trunk = nn.Sequential(*stages)
     for p in trunk.parameters():
         p.requires_grad_(False)
     trunk.eval()
     trunk_bytes = module_bytes(trunk)
     folded = _fold_batch_norms(trunk)
     trunk.to(memory_format=torch.channels_last)  # see common.features.extract_features
-    open_stages = stages[cut:]
+    log.debug("trunk of %d stages built, %d BatchNorms folded into its convolutions", len(stages), folded)
+    return trunk, trunk_bytes
+
+
+def build_split_model(cfg: RunConfig, *, head_seed: int | None = None) -> SplitModel:
+    """Build the backbone named in ``cfg``, load its weights and cut it.
+
+    Pretrained weights resolve through :mod:`common.weights`; with
+    ``pretrained=false`` the backbone is randomly initialised from ``cfg.seed``
+    (identically at every site). The head is initialised from ``head_seed``
+    (default ``cfg.seed``). With no open stage and pretrained weights, the
+    backbone itself is built only when ``trunk`` is first used.
+    """
+    spec = get_backbone_spec(cfg.backbone)
+    preprocessing = build_preprocessing(spec, cfg.image_size)
+    if cfg.unfreeze_blocks >= spec.num_stages:
+        raise ConfigError(
+            f"'unfreeze-blocks' = {cfg.unfreeze_blocks}: backbone '{spec.name}' has "
+            f"{spec.num_stages} stages; choose 0..{spec.num_stages - 1}"
+        )
+    cut = spec.num_stages - cfg.unfreeze_blocks
+    weights_path: Path | None = resolve_weights_file(spec, cfg.weights_file) if cfg.pretrained else None
+
+    def build_stages() -> tuple[nn.Module, list[nn.Module]]:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            model = spec.build()
+        if weights_path is not None:
+            model.load_state_dict(read_weights_file(weights_path), strict=True)
+        stages = spec.split(model)
+        if len(stages) != spec.num_stages:
+            raise ConfigError(f"backbone '{spec.name}' split into {len(stages)} stages, its spec says {spec.num_stages}")
+        return model, stages
+
+    model, stages = None, None
+    if weights_path is None or cut < spec.num_stages:  # the random weights' hash, or the open stages, need it now
+        model, stages = build_stages()
+    if weights_path is not None:
+        weights_sha256 = sha256_file(weights_path)
+    else:
+        weights_sha256 = "random-init:" + sha256_arrays(model.state_dict())
+    open_stages = stages[cut:] if stages is not None else []
     for stage in open_stages:
         _disable_inplace(stage)
         for module in stage.modules():
@@ -161,16 +222,13 @@ def build_split_model(cfg: RunConfig, *, head_seed: int | None = None) -> SplitM
         head = build_head(cfg.head, spec.feature_dim, cfg.num_classes, hidden=cfg.head_hidden)
     trainable = TrainablePart(open_stages, head)
     n_params = sum(p.numel() for _, p in trainable_parameters(trainable))
-    log.debug("built %s cut at %d/%d: %d trainable parameters, %d BatchNorms folded into the trunk's convolutions",
-              spec.name, cut, len(stages), n_params, folded)
+    log.debug("%s cut at %d/%d: %d trainable parameters", spec.name, cut, spec.num_stages, n_params)
     return SplitModel(
         spec=spec,
-        trunk=trunk,
         trainable=trainable,
         preprocessing=preprocessing,
         weights_sha256=weights_sha256,
         cut=cut,
-        num_stages=len(stages),
-        trunk_bytes=trunk_bytes,
         head_layout=describe_head(cfg.head, spec.feature_dim, cfg.num_classes, hidden=cfg.head_hidden),
+        build_trunk=lambda: _frozen_trunk((stages or build_stages()[1])[:cut]),
     )

@@ -1,7 +1,7 @@
 """Image preprocessing shared by sites and server: the backbone's own transforms.
 
-Mean, std and interpolation come from the backbone's torchvision weights
-(``weights.transforms()``); the resize and crop are set to ``image-size`` so a
+Mean, std and interpolation are the backbone's torchvision weights' own
+(``weights.transforms()``, recorded in its :class:`BackboneSpec`); the resize and crop are set to ``image-size`` so a
 small dataset is not blown up to 224 px unless asked. Grey images are repeated
 to three channels. The description returned by :meth:`Preprocessing.describe`
 is part of the feature cache key and of the exported model's manifest.
@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torchvision.transforms import v2
 
 from common.backbones import BackboneSpec
 from common.errors import ConfigError, DataError
@@ -59,6 +58,8 @@ class Preprocessing:
 def _resize(images: torch.Tensor, size: int, interpolation: str) -> torch.Tensor:
     images = to_uint8_nchw(images)
     if images.shape[-2:] != (size, size):  # grey is resized once, then repeated (the same pixels as after)
+        from torchvision.transforms import v2  # only when there is resizing to do: a cache hit never imports it
+
         mode = v2.InterpolationMode(interpolation)
         images = v2.functional.resize(images, [size, size], interpolation=mode, antialias=True)
     if images.shape[1] == 1:
@@ -83,16 +84,10 @@ def to_uint8_nchw(images: torch.Tensor) -> torch.Tensor:
 
 
 def build_preprocessing(spec: BackboneSpec, image_size: int) -> Preprocessing:
-    """The preprocessing for ``spec`` at ``image_size`` pixels, from its weights' transforms."""
+    """The preprocessing for ``spec`` at ``image_size`` pixels, with its weights' mean, std and interpolation."""
     if spec.fixed_image_size and image_size != spec.fixed_image_size:
         raise ConfigError(
             f"backbone '{spec.name}' accepts only image-size={spec.fixed_image_size}, got {image_size}; "
             f"set image-size={spec.fixed_image_size}"
         )
-    preset = spec.weights.transforms()
-    return Preprocessing(
-        image_size=image_size,
-        mean=tuple(float(m) for m in preset.mean),
-        std=tuple(float(s) for s in preset.std),
-        interpolation=preset.interpolation.value,
-    )
+    return Preprocessing(image_size=image_size, mean=spec.mean, std=spec.std, interpolation=spec.interpolation)

@@ -27,7 +27,7 @@ __all__ = [
     "hub_checkpoint_dir",
     "expected_filename",
     "resolve_weights_file",
-    "load_pretrained_state",
+    "read_weights_file",
     "stage_weights_file",
 ]
 
@@ -43,7 +43,7 @@ def hub_checkpoint_dir() -> Path:
 
 def expected_filename(spec: BackboneSpec) -> str:
     """The release file name torchvision uses for ``spec``'s weights."""
-    return spec.weights.url.rsplit("/", 1)[-1]
+    return spec.release_file
 
 
 def _check_hash_prefix(path: Path, release_name: str) -> str:
@@ -94,16 +94,14 @@ def resolve_weights_file(spec: BackboneSpec, weights_file: str = "", *, allow_do
     return cached
 
 
-def load_pretrained_state(spec: BackboneSpec, weights_file: str = "") -> tuple[dict, str]:
-    """Load ``spec``'s pretrained state dict; return it with the file's sha256."""
-    path = resolve_weights_file(spec, weights_file)
+def read_weights_file(path: Path) -> dict:
+    """The state dict in a weights file already resolved (and so checked) by :func:`resolve_weights_file`."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for unreadable archives
         raise WeightsError(
             f"cannot read weights file {path} ({exc}); re-stage it with `fedhead weights stage FILE`"
         ) from exc
-    return state, sha256_file(path)
 
 
 def stage_weights_file(source: str | os.PathLike, backbone: str | None = None) -> Path:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from client.feature_cache import FeatureCache
 from client.feature_source import build_feature_source
-from client.site_data import Split
+from client.site_data import Split, load_site_data
 from common.config import build_run_config
 from common.features import extract_features
 from common.model import build_split_model
@@ -95,3 +97,37 @@ def test_without_cache_every_request_runs_the_backbone(model, split):
     live.get(torch.arange(50))
     live.get(torch.arange(50))
     assert live.forwards == 100
+
+
+def test_a_round_served_from_the_cache_never_builds_the_backbone_nor_imports_torchvision(tmp_path, digits_npz):
+    """A deployment ClientApp is a fresh process per message: on a cache hit it needs only the head."""
+    cfg = build_run_config(image_size=32)
+    data = load_site_data(digits_npz, cfg, name="site")
+    model = build_split_model(cfg)
+    expected = {split: _source(model, getattr(data, split), FeatureCache(tmp_path / "cache")).get(torch.arange(n))
+                for split, n in (("train", len(data.train)), ("val", len(data.val)))}
+    torch.save(expected, tmp_path / "expected.pt")
+    script = f"""
+import sys, torch
+import client.app  # everything the ClientApp process imports
+from client.feature_cache import FeatureCache
+from client.feature_source import build_feature_source
+from client.site_data import load_site_data
+from common.config import build_run_config
+from common.model import build_split_model
+cfg = build_run_config(image_size=32)
+model = build_split_model(cfg)
+data = load_site_data({str(digits_npz)!r}, cfg, name="site")
+expected = torch.load({str(tmp_path / 'expected.pt')!r})
+for split in ("train", "val"):
+    source = build_feature_source(model, getattr(data, split), cache=FeatureCache({str(tmp_path / 'cache')!r}),
+                                  augment_views=0, seed=1, label=split)
+    assert (source.forwards, source.hits) == (0, 1), (source.forwards, source.hits)
+    assert torch.equal(source.get(torch.arange(len(source))), expected[split])
+assert not model.trunk_built
+assert "torchvision" not in sys.modules, "a cache hit imported torchvision"
+model.trunk  # a miss builds it
+assert "torchvision" in sys.modules
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]

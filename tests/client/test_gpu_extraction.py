@@ -57,14 +57,16 @@ def test_gpu_features_match_the_cpus_within_the_stated_tolerance(model, images, 
     assert error <= tolerance
 
 
-def test_a_site_on_the_gpu_caches_features_and_trains_its_head_there(model, images, digits, cpu_features, tmp_path):
+def test_a_site_on_the_gpu_caches_features_and_trains_its_head_there(images, digits, cpu_features, tmp_path):
     assert resolve_extraction("auto", "auto") == Extraction(torch.device("cuda"), "float32")
     extraction = resolve_extraction("auto", "float16")
     cfg = build_run_config(image_size=64, classes=",".join(str(d) for d in range(10)), local_epochs=10, lr=0.01)
     labels = torch.from_numpy(digits[1])
     train, val = Split(images[:1400], labels[:1400]), Split(images[1400:], labels[1400:])
     cache = FeatureCache(tmp_path / "features")
-    model.trunk.to(extraction.device)
+    model = build_split_model(cfg)  # as the ClientApp does: the trunk is placed on the GPU before it is built
+    model.place_trunk(extraction.device)
+    assert not model.trunk_built
     model.trainable.to(extraction.device)
     try:
         sources = [
@@ -72,6 +74,7 @@ def test_a_site_on_the_gpu_caches_features_and_trains_its_head_there(model, imag
             for name, split in (("train", train), ("val", val))
         ]
         assert sources[0].forwards == 1400 and sources[0].views.device.type == "cuda"
+        assert next(model.trunk.parameters()).device.type == "cuda"
         again = build_feature_source(model, val, cache=cache, augment_views=0, seed=0, label="val", extraction=extraction)
         assert again.hits == 1 and again.forwards == 0  # float16 features are cached under their own key
         report = train_locally(model.trainable, sources[0], train.labels, sources[1], val.labels, cfg, server_round=1)

@@ -25,7 +25,19 @@ def test_unknown_backbone_lists_the_valid_names():
 def test_registering_a_name_twice_is_an_error():
     spec = get_backbone_spec("resnet18")
     with pytest.raises(ConfigError, match="already registered"):
-        register_backbone(BackboneSpec("resnet18", spec.feature_dim, spec.weights_entry, spec.split))
+        register_backbone(BackboneSpec("resnet18", spec.feature_dim, spec.weights_entry, spec.release_file, spec.num_stages, spec.split))
+
+
+@pytest.mark.parametrize("name", list_backbones())
+def test_each_spec_records_what_torchvision_says(name):
+    """A cache hit reads the release file, normalisation and stage count from the spec, not from torchvision."""
+    spec = get_backbone_spec(name)
+    preset = spec.weights.transforms()
+    assert spec.release_file == spec.weights.url.rsplit("/", 1)[-1]
+    assert (spec.mean, spec.std) == (tuple(preset.mean), tuple(preset.std))
+    assert spec.interpolation == preset.interpolation.value
+    with torch.device("meta"):  # the architecture alone, no memory for its weights
+        assert len(spec.split(spec.build())) == spec.num_stages
 
 
 @pytest.mark.parametrize("name", REQUIRED)
@@ -68,6 +80,7 @@ def test_the_frozen_trunk_has_its_batch_norms_folded_and_gives_the_same_features
 
     cfg = build_run_config()  # pretrained mobilenet_v2: real BatchNorm statistics, not the identity of a fresh one
     folded = build_split_model(cfg)
+    folded.trunk  # noqa: B018 (built now, before folding is switched off)
     monkeypatch.setattr(common.model, "_fold_batch_norms", lambda trunk: 0)
     plain = build_split_model(cfg)
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in plain.trunk.modules()) == 52
@@ -78,3 +91,11 @@ def test_the_frozen_trunk_has_its_batch_norms_folded_and_gives_the_same_features
         a, b = folded.trunk(folded.preprocessing(images)), plain.trunk(plain.preprocessing(images))
     assert ((a - b).norm(dim=1) / b.norm(dim=1)).max() < 1e-4
     assert not torch.equal(a, b)  # folded for real: the arithmetic differs in the last bits
+
+
+def test_the_trunk_is_built_on_first_use_on_the_device_it_was_placed_on():
+    model = build_split_model(build_run_config())
+    assert not model.trunk_built and model.cut_id == "mobilenet_v2:stage19of19"
+    model.place_trunk("meta")  # as a GPU site places it, before any feature is missing
+    assert not model.trunk_built
+    assert {p.device.type for p in model.trunk.parameters()} == {"meta"} and model.trunk_built
