@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,6 +199,11 @@ def diagnose_supernode(log_text: str, returncode: int | None, *, superlink: str,
                 f"the operator (`fedhead federation enrol SITE {public_key.name if public_key else 'KEY.pub'}`)")
     if "Connection attempt failed" in text or "UNAVAILABLE" in text:
         return f"no SuperLink answers at {superlink}: check the address and that the operator's SuperLink is running"
+    if returncode == 0:
+        return "it was stopped (Ctrl-C, SIGTERM or `systemctl stop`); `fedhead federation join` starts it again"
+    if returncode is not None and returncode < 0:
+        return (f"it was killed ({signal.Signals(-returncode).name}) and sent no goodbye; `fedhead federation join` "
+                "starts it again, and the SuperLink admits its key about a minute after the crash")
     return f"flower-supernode exited with code {returncode}; its log has the details"
 
 

@@ -14,7 +14,7 @@ import pytest
 from common.enrolment import load_enrolment
 from common.pki import make_server_certificate
 from simulations.cli import main
-from simulations.federation import federation_dir
+from simulations.federation import diagnose_supernode, federation_dir
 from simulations.processes import SuperLinkTLS, flower_env, superlink
 
 pytestmark = pytest.mark.slow
@@ -89,3 +89,13 @@ def test_join_without_a_ca_or_key_says_what_to_get_and_insecure_must_be_asked_fo
     code, output = _join(tmp_path / "nokey", "127.0.0.1:9", tmp_path / "missing-ca.crt", tmp_path)
     assert code == 2 and "cannot join securely" in output and "fedhead federation node-key" in output
     assert "--insecure" in output
+
+
+@pytest.mark.parametrize("returncode, says", [
+    (0, "it was stopped (Ctrl-C, SIGTERM"),  # Flower exits 0 after a graceful SIGINT or SIGTERM
+    (-9, "it was killed (SIGKILL)"),
+    (1, "exited with code 1; its log has the details"),
+])
+def test_a_supernode_that_ends_is_told_apart_from_one_that_fails(returncode, says):
+    why = diagnose_supernode("INFO: Starting Flower SuperNode", returncode, superlink="127.0.0.1:9092", ca_cert=None, public_key=None)
+    assert says in why

@@ -150,7 +150,7 @@ def test_the_run_survives_a_killed_site_and_a_refusal_and_says_degraded(deployed
     # Round 3: site-2's own policy refuses a round that would take its lifetime epsilon past 7.2, and says so.
     (refusal,) = [p for p in records[3].problems if p.site == "site-2"]
     assert (refusal.kind, refusal.phase) == ("refused", "train") and "max-epsilon" in refusal.reasons[0]
-    assert "site-1's SuperNode exited" in deployed.output
+    assert "site-1's SuperNode exited: it was killed (SIGKILL)" in deployed.output
 
 
 def test_sites_are_named_by_their_enrolment_and_the_log_holds_their_keys(deployed):
