@@ -11,7 +11,9 @@ a restarted SuperNode and a new run on the same data all continue the same sum.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +36,9 @@ log = logging.getLogger(__name__)
 
 # The accountant a site's policy is judged with, whatever the run asks for.
 _SITE_ACCOUNTANT = "rdp"
+
+# Another run's kept optimizer state untouched this long belongs to a run that has ended: removed.
+OPTIMIZER_STATE_DAYS = 7
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,16 @@ def _read_optimizer_state(path: Path | None) -> dict | None:
         return None
 
 
+def _remove_stale_states(kept: Path) -> None:
+    """Remove the other runs' optimizer states beside ``kept`` not written for OPTIMIZER_STATE_DAYS days."""
+    cutoff = time.time() - OPTIMIZER_STATE_DAYS * 86400
+    for path in kept.parent.glob("*.pt"):
+        with contextlib.suppress(OSError):  # another round of that run may be writing or removing it
+            if path != kept and path.stat().st_mtime < cutoff:
+                path.unlink()
+                log.info("removed %s, the optimizer state of a run that ended (untouched for %d days)", path.name, OPTIMIZER_STATE_DAYS)
+
+
 def train_round_privately(
     trainable: torch.nn.Module,
     source: FeatureSource,
@@ -140,6 +155,7 @@ def train_round_privately(
     if optimizer_state_file is not None and report.optimizer_state is not None:
         with atomic_path(optimizer_state_file) as tmp:
             torch.save(report.optimizer_state, tmp)
+        _remove_stale_states(optimizer_state_file)
     ledger.record(plan.data_fingerprint, run_id=run_id, server_round=server_round, event=event)
     delta, accountant = cfg.target_delta, cfg.accountant
     privacy = PrivacyReport(

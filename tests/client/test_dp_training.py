@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -248,3 +250,16 @@ def test_a_damaged_optimizer_state_file_costs_only_the_momentum(tmp_path, caplog
     path.parent.mkdir()
     path.write_bytes(b"not a torch file")
     assert _read_optimizer_state(path) is None and "cannot be read" in caplog.text
+
+
+def test_optimizer_states_of_runs_that_ended_are_removed_and_live_ones_kept(tmp_path):
+    from client.privacy_round import OPTIMIZER_STATE_DAYS, _remove_stale_states
+
+    kept, live, ended = (tmp_path / f"{name}.pt" for name in ("this-run", "other-run", "ended-run"))
+    for path in (kept, live, ended):
+        path.write_bytes(b"state")
+    old = time.time() - (OPTIMIZER_STATE_DAYS + 1) * 86400
+    os.utime(ended, (old, old))
+    os.utime(kept, (old, old))  # the run being written is never removed
+    _remove_stale_states(kept)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other-run.pt", "this-run.pt"]
