@@ -8,7 +8,6 @@ renderer prints the end of ``fedhead simulate``.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any
@@ -20,15 +19,11 @@ from rich.text import Text
 
 from common.cli import ExitCode, report_problem, stdout_console
 from common.round_record import RoundRecord, load_round_records
+from server.formatting import percent, site_order
 
-__all__ = ["round_table", "site_table", "summary_table", "print_run", "show", "report", "percent", "site_order"]
+__all__ = ["round_table", "site_table", "summary_table", "print_run", "show", "report"]
 
 _STATUS_STYLE = {"finished": "green", "degraded": "yellow", "interrupted": "yellow", "failed": "red"}
-
-
-def percent(value: float | None) -> str:
-    """``value`` as a percentage with two decimals; "-" when absent or NaN."""
-    return f"{100 * value:.2f}%" if isinstance(value, (int, float)) and value == value else "-"
 
 
 def _num(value: float | None, fmt: str = ".4f") -> str:
@@ -37,11 +32,6 @@ def _num(value: float | None, fmt: str = ".4f") -> str:
 
 def _mb(n: int) -> str:
     return f"{n / 1e6:.2f}" if n else "-"
-
-
-def site_order(name: str) -> tuple:
-    """Sort key that puts site-2 before site-10."""
-    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
 
 
 def _train_loss(record: RoundRecord) -> float | None:

@@ -29,7 +29,7 @@ from common.errors import DataError
 from common.files import write_bytes_atomic
 from common.metrics import recall_by_class
 from common.round_record import RoundRecord, load_round_records
-from server.cli import percent, site_order
+from server.formatting import percent, site_order
 from server.plots import (
     epsilon_figure,
     metric_figure,
