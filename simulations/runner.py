@@ -34,6 +34,7 @@ from common.errors import FedHeadError
 from common.model import SplitModel, build_split_model
 from common.partitions import prepare_federation
 from common.paths import FEDHEAD_HOME_ENV
+from simulations.app_source import staged_app
 from simulations.processes import (  # flower_env, free_port, process_group, superlink, write_connection: re-exported
     StopRequested,
     find_by_env,
@@ -174,10 +175,10 @@ def _run_flower(
     """Start a SuperLink, stream ``flwr run``; stop every process of the run however this ends."""
     process: subprocess.Popen | None = None
     try:
-        with superlink(flwr_home, env, simulation=True) as port:
+        with staged_app(root, flwr_home) as source, superlink(flwr_home, env, simulation=True) as port:
             connection = write_connection(flwr_home, port)
             command = [
-                "flwr", "run", str(root), connection, "--stream",
+                "flwr", "run", str(source), connection, "--stream",
                 "--run-config", str(run_config_file), "--federation-config", federation_config,
             ]
             process = subprocess.Popen(

@@ -27,6 +27,7 @@ import psutil
 from common.errors import ConfigError
 from common.data_formats import folder_name, read_npz, write_site_folder
 from common.partitions import Federation, prepare_federation
+from simulations.app_source import staged_app
 from simulations.federation import (
     FederationFiles,
     diagnose_supernode,
@@ -159,8 +160,9 @@ def _run(
             listing = {"flwr_home": str(home), "superlink": address, "ca": str(files.ca.cert)}
             _write_processes(root, {**listing, "pids": pids})
             connection = write_connection(home, port, "trial", ca_cert=files.ca.cert)
+            source = stack.enter_context(staged_app(project_root(), home))
             process = subprocess.Popen(
-                ["flwr", "run", str(project_root()), connection, "--stream", "--run-config", str(run_config_file)],
+                ["flwr", "run", str(source), connection, "--stream", "--run-config", str(run_config_file)],
                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True,
             )
             _write_processes(root, {**listing, "pids": {**pids, "flwr-run": process.pid}})
