@@ -202,7 +202,11 @@ def diagnose_supernode(log_text: str, returncode: int | None, *, superlink: str,
     if returncode == 0:
         return "it was stopped (Ctrl-C, SIGTERM or `systemctl stop`); `fedhead federation join` starts it again"
     if returncode is not None and returncode < 0:
-        return (f"it was killed ({signal.Signals(-returncode).name}) and sent no goodbye; `fedhead federation join` "
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:  # a number Python has no name for
+            name = f"signal {-returncode}"
+        return (f"it was killed ({name}) and sent no goodbye; `fedhead federation join` "
                 "starts it again, and the SuperLink admits its key about a minute after the crash")
     return f"flower-supernode exited with code {returncode}; its log has the details"
 
