@@ -7,8 +7,9 @@ never disagree about the set.
 
 The frozen trunk is built when first used. A site whose features are all in
 its cache needs only the head, the weights' sha256 and the cache key, so its
-round never builds the backbone nor imports torchvision (about 2.5 s of every
-deployment ClientApp process on a 2-core machine).
+round never builds the backbone nor imports torchvision: a deployment
+ClientApp process is a fresh interpreter per message, and a cache-hit
+``evaluate`` message measured 4.7 s of CPU instead of 7.0 s on a 2-core machine.
 """
 
 from __future__ import annotations
