@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -24,10 +23,10 @@ from torch import nn
 from common.backbones import BackboneSpec, get_backbone_spec
 from common.config import RunConfig
 from common.errors import ConfigError
-from common.hashing import sha256_arrays, sha256_file
+from common.hashing import sha256_arrays
 from common.heads import build_head, describe_head
 from common.preprocessing import Preprocessing, build_preprocessing
-from common.weights import read_weights_file, resolve_weights_file
+from common.weights import read_weights_file, verified_weights_file
 
 __all__ = ["SplitModel", "TrainablePart", "build_split_model", "module_bytes", "trainable_parameters"]
 
@@ -191,7 +190,7 @@ def build_split_model(cfg: RunConfig, *, head_seed: int | None = None) -> SplitM
             f"{spec.num_stages} stages; choose 0..{spec.num_stages - 1}"
         )
     cut = spec.num_stages - cfg.unfreeze_blocks
-    weights_path: Path | None = resolve_weights_file(spec, cfg.weights_file) if cfg.pretrained else None
+    weights_path, weights_sha256 = verified_weights_file(spec, cfg.weights_file) if cfg.pretrained else (None, "")
 
     def build_stages() -> tuple[nn.Module, list[nn.Module]]:
         with torch.random.fork_rng(devices=[]):
@@ -207,9 +206,7 @@ def build_split_model(cfg: RunConfig, *, head_seed: int | None = None) -> SplitM
     model, stages = None, None
     if weights_path is None or cut < spec.num_stages:  # the random weights' hash, or the open stages, need it now
         model, stages = build_stages()
-    if weights_path is not None:
-        weights_sha256 = sha256_file(weights_path)
-    else:
+    if weights_path is None:
         weights_sha256 = "random-init:" + sha256_arrays(model.state_dict())
     open_stages = stages[cut:] if stages is not None else []
     for stage in open_stages:

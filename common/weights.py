@@ -27,6 +27,7 @@ __all__ = [
     "hub_checkpoint_dir",
     "expected_filename",
     "resolve_weights_file",
+    "verified_weights_file",
     "read_weights_file",
     "stage_weights_file",
 ]
@@ -65,6 +66,11 @@ def resolve_weights_file(spec: BackboneSpec, weights_file: str = "", *, allow_do
     Order: an explicit ``weights_file``; torch's hub cache under the release
     name; a download through torchvision (where the network allows).
     """
+    return verified_weights_file(spec, weights_file, allow_download=allow_download)[0]
+
+
+def verified_weights_file(spec: BackboneSpec, weights_file: str = "", *, allow_download: bool = True) -> tuple[Path, str]:
+    """:func:`resolve_weights_file`, with the file's sha256 computed while checking it (the file is read once)."""
     release = expected_filename(spec)
     if weights_file:
         path = Path(weights_file).expanduser()
@@ -73,8 +79,7 @@ def resolve_weights_file(spec: BackboneSpec, weights_file: str = "", *, allow_do
                 f"weights-file '{weights_file}' does not exist; give the path of "
                 f"{release}, or stage it with `fedhead weights stage FILE`"
             )
-        _check_hash_prefix(path, release)
-        return path
+        return path, _check_hash_prefix(path, release)
     cached = hub_checkpoint_dir() / release
     download_error = "downloads not attempted"
     if not cached.is_file() and allow_download:
@@ -90,8 +95,7 @@ def resolve_weights_file(spec: BackboneSpec, weights_file: str = "", *, allow_do
             f"with `fedhead weights stage PATH/TO/{release}`, set run-config "
             f"weights-file=PATH, or use pretrained=false for a random backbone."
         )
-    _check_hash_prefix(cached, release)
-    return cached
+    return cached, _check_hash_prefix(cached, release)
 
 
 def read_weights_file(path: Path) -> dict:
