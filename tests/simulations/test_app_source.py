@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+
 from simulations.app_source import APP_FILES, staged_app
 from simulations.run_inputs import project_root
 
@@ -19,7 +21,17 @@ def test_the_staged_app_holds_what_the_apps_import_and_nothing_of_the_venv_or_ca
     assert not source.exists()  # removed after the run
 
 
-def test_the_project_has_every_file_the_app_is_staged_from():
+def test_the_staged_files_are_all_the_server_and_client_apps_import():
+    """Nothing in the staged packages imports a package left out of the copy (simulations/, tests/)."""
     root = project_root()
     assert all((root / name).exists() for name in APP_FILES)
-    assert "simulations" not in APP_FILES  # the ServerApp and ClientApp import common/, client/ and server/ only
+    staged_packages = {name for name in APP_FILES if (root / name).is_dir()}
+    outside = []
+    for package in sorted(staged_packages):
+        for path in sorted((root / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                    [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else [])
+                outside += [f"{path.relative_to(root)}: {n}" for n in names
+                            if n.split(".")[0] in {"simulations", "tests"} - staged_packages]
+    assert not outside
