@@ -169,12 +169,16 @@ def up(
 
 
 @federation_app.command("down")
-def down() -> None:
+def down(
+    name: Annotated[str | None, typer.Option(help="Stop only this trial (the --name given to `up`); default: every one.")] = None,
+) -> None:
     """Stop every process of a trial federation left running (e.g. by a killed `fedhead federation up`)."""
     from simulations.run_inputs import project_root
     from simulations.trial_federation import stop_trials
 
-    stopped = stop_trials(project_root() / ".cache" / "fedhead")  # where `up` keeps its trials
+    if name is not None:
+        check_run_name(name)
+    stopped = stop_trials(project_root() / ".cache" / "fedhead", name)  # where `up` keeps its trials
     console = stdout_console()
-    for line in stopped or ["no trial federation is running"]:
+    for line in stopped or [f"no trial federation {'named ' + repr(name) + ' ' if name else ''}is running"]:
         console.print(line)

@@ -221,10 +221,11 @@ def superlink_pid(home: Path) -> int | None:
     return None
 
 
-def stop_trials(state: Path) -> list[str]:
-    """Stop every process of every trial federation under ``state`` (``fedhead federation down``); return what was stopped."""
+def stop_trials(state: Path, name: str | None = None) -> list[str]:
+    """Stop every process of every trial federation under ``state``, or of the one called ``name``
+    (``fedhead federation down``); return what was stopped."""
     stopped = []
-    for listing in sorted(trial_root(state).glob(f"*/{PROCESSES_FILE}")):
+    for listing in sorted(trial_root(state).glob(f"{name or '*'}/{PROCESSES_FILE}")):
         try:
             data = json.loads(listing.read_text())
             home, pids = str(data["flwr_home"]), [int(p) for p in data["pids"].values()]

@@ -99,3 +99,18 @@ def test_join_without_a_ca_or_key_says_what_to_get_and_insecure_must_be_asked_fo
 def test_a_supernode_that_ends_is_told_apart_from_one_that_fails(returncode, says):
     why = diagnose_supernode("INFO: Starting Flower SuperNode", returncode, superlink="127.0.0.1:9092", ca_cert=None, public_key=None)
     assert says in why
+
+
+def test_down_by_name_stops_that_trial_alone(tmp_path):
+    from simulations.trial_federation import PROCESSES_FILE, stop_trials, trial_root
+
+    for name in ("mine", "theirs"):  # trials whose processes have ended: their lists are cleared, nothing is killed
+        (trial_root(tmp_path) / name).mkdir(parents=True)
+        (trial_root(tmp_path) / name / PROCESSES_FILE).write_text(f'{{"flwr_home": "{tmp_path / name}", "pids": {{}}}}')
+    assert stop_trials(tmp_path, "mine") == ["mine: 0 processes stopped"]
+    assert not (trial_root(tmp_path) / "mine" / PROCESSES_FILE).exists()
+    assert (trial_root(tmp_path) / "theirs" / PROCESSES_FILE).exists()
+    assert stop_trials(tmp_path, "mine") == []
+    assert stop_trials(tmp_path) == ["theirs: 0 processes stopped"]
+    code, out = _cli("federation", "down", "--name", "../theirs")
+    assert code == 2 and "is not a plain name" in out

@@ -161,14 +161,20 @@ def test_down_stops_a_trial_whose_up_was_killed(tmp_path):
         up.wait(timeout=30)
         left = _processes(listing["pids"].values())
         assert len(_alive(left)) >= 3  # the SuperLink, the SuperNode and flwr run, still running
-        down = subprocess.run([sys.executable, "-m", "simulations.cli", "federation", "down"],
-                              capture_output=True, text=True, timeout=120)
-        assert down.returncode == 0 and f"{name}: " in down.stdout and "processes stopped" in down.stdout, down
+
+        def down(trial_name: str) -> subprocess.CompletedProcess:  # by name: other trials (other tests') run on
+            return subprocess.run([sys.executable, "-m", "simulations.cli", "federation", "down", "--name", trial_name],
+                                  capture_output=True, text=True, timeout=120)
+
+        other = down(f"other-{name}")
+        assert other.returncode == 0 and f"no trial federation named 'other-{name}' is running" in other.stdout, other
+        assert len(_alive(left)) >= 3
+        stopped = down(name)
+        assert stopped.returncode == 0 and f"{name}: " in stopped.stdout and "processes stopped" in stopped.stdout, stopped
         assert _alive(left) == [] and find_by_env("FLWR_HOME", listing["flwr_home"]) == []
         assert not (trial / PROCESSES_FILE).exists()
-        again = subprocess.run([sys.executable, "-m", "simulations.cli", "federation", "down"],
-                               capture_output=True, text=True, timeout=120)
-        assert again.returncode == 0 and name not in again.stdout
+        again = down(name)
+        assert again.returncode == 0 and f"no trial federation named '{name}' is running" in again.stdout, again
     finally:
         _stop(up, homes=[trial / "flwr-home"])
         shutil.rmtree(trial, ignore_errors=True)
