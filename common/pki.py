@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -125,6 +126,33 @@ def make_node_key(private_path: Path) -> Path:
     _write_private(private_path, private)
     public_path = private_path.with_name(private_path.name + ".pub")
     public_path.write_bytes(node_public_key(key) + b"\n")
+    return public_path
+
+
+def existing_node_key(private_path: Path, public_path: Path) -> Path:
+    """Check a node key pair already made; restore a missing public half from the private key. Never replaces the private key.
+
+    ConfigError when the private key does not load or the public half is not its own.
+    """
+    keep = ("it is never replaced, since the operator enrolled its public half; if you mean to start over, move it "
+            "away yourself, run node-key again and send the new public key to the operator to enrol")
+    try:
+        key = serialization.load_ssh_private_key(private_path.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise ConfigError(f"{private_path} is not a readable OpenSSH private key ({exc}); {keep}") from exc
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP384R1):
+        raise ConfigError(f"{private_path} is not an ECDSA P-384 key, which Flower's node authentication needs; {keep}")
+    own = node_public_key(key)
+    if not public_path.exists():
+        public_path.write_bytes(own + b"\n")  # the public half is derived, so restoring it changes nothing enrolled
+        return public_path
+    try:
+        given = public_path.read_bytes().split()[:2]
+    except OSError as exc:
+        raise ConfigError(f"{public_path} cannot be read ({exc}); remove it and run node-key again to rewrite it") from exc
+    if given != own.split()[:2]:
+        raise ConfigError(f"{public_path} is not the public half of {private_path}; remove it and run node-key again "
+                          "to rewrite it from the private key")
     return public_path
 
 

@@ -14,6 +14,7 @@ command line over these; ``trial_federation.py`` runs all of it on loopback.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import signal
 import subprocess
@@ -24,8 +25,10 @@ from common.config import is_plain_name
 from common.enrolment import ENROLMENT_FILE, Enrolment, load_enrolment
 from common.errors import ConfigError, FedHeadError
 from common.paths import fedhead_home
-from common.pki import CertificateFiles, check_certificate, make_ca, make_node_key, make_server_certificate
+from common.pki import CertificateFiles, check_certificate, existing_node_key, make_ca, make_node_key, make_server_certificate
 from simulations.processes import SuperLinkTLS, flower_env, write_connection
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "FederationFiles",
@@ -93,10 +96,22 @@ def site_key_paths(state_dir: Path) -> tuple[Path, Path]:
 
 
 def make_site_key(state_dir: Path) -> Path:
-    """The site's node key pair in its state-dir (made once; kept after); returns the public half's path."""
+    """The site's node key pair in its state-dir (made once; kept after); returns the public half's path.
+
+    An existing private key is checked and kept, never replaced: the operator enrolled its public half.
+    """
     private, public = site_key_paths(state_dir)
-    if private.exists() and public.exists():
+    if private.exists() or private.is_symlink():
+        public = existing_node_key(private, public)
+        if private.is_file() and private.stat().st_mode & 0o077:
+            log.warning("%s can be read by other users; make it private: chmod 600 %s", private, private)
         return public
+    if public.exists():
+        raise ConfigError(
+            f"{public} is here but its private key {private.name} is not: the enrolled key can no longer be used. "
+            "Move the .pub away, run node-key again, and send the new public key to the operator to enrol "
+            "(and to revoke the old one)"
+        )
     return make_node_key(private)
 
 

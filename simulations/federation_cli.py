@@ -80,7 +80,11 @@ def node_key(
     """Make this site's node key pair (once); print the public half's path, to send to the operator."""
     from simulations.federation import make_site_key
 
-    public = make_site_key(state_dir)
+    try:
+        public = make_site_key(state_dir)
+    except OSError as exc:
+        report_problem(f"cannot write the node key under {state_dir}: {exc.strerror or exc}; give a --state-dir this user can write")
+        raise typer.Exit(ExitCode.BAD_INPUT) from None
     console = stdout_console()
     console.print(f"node public key: {public}", soft_wrap=True)
     console.print(f"send it to the operator (`fedhead federation enrol SITE {public.name}`); the private key stays here", soft_wrap=True)

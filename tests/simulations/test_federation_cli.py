@@ -114,3 +114,24 @@ def test_down_by_name_stops_that_trial_alone(tmp_path):
     assert stop_trials(tmp_path) == ["theirs: 0 processes stopped"]
     code, out = _cli("federation", "down", "--name", "../theirs")
     assert code == 2 and "is not a plain name" in out
+
+
+def test_node_key_never_replaces_a_private_key_and_restores_a_lost_public_half(tmp_path):
+    from simulations.federation import site_key_paths
+
+    private, public = site_key_paths(tmp_path / "site")
+    assert _cli("federation", "node-key", "--state-dir", str(tmp_path / "site"))[0] == 0
+    key, enrolled = private.read_bytes(), public.read_bytes()
+    public.unlink()  # sent to the operator by moving it
+    assert _cli("federation", "node-key", "--state-dir", str(tmp_path / "site"))[0] == 0
+    assert private.read_bytes() == key and public.read_bytes() == enrolled
+    public.write_bytes(b"ecdsa-sha2-nistp384 AAAAnotthisone\n")
+    code, out = _cli("federation", "node-key", "--state-dir", str(tmp_path / "site"))
+    assert code == 2 and "is not the public half of" in out and private.read_bytes() == key
+    private.write_bytes(b"not a key")
+    code, out = _cli("federation", "node-key", "--state-dir", str(tmp_path / "site"))
+    assert code == 2 and "is not a readable OpenSSH private key" in out and "never replaced" in out
+    assert private.read_bytes() == b"not a key"
+    private.unlink()
+    code, out = _cli("federation", "node-key", "--state-dir", str(tmp_path / "site"))
+    assert code == 2 and "its private key node-auth is not" in out and public.exists() and not private.exists()
