@@ -206,7 +206,7 @@ def predict(
 ) -> None:
     """Classify images with a run's exported model, prepared only as its manifest says; write one CSV row per image."""
     from common.errors import FedHeadError
-    from server.predict import image_paths, load_predictor, write_predictions
+    from server.predict import check_out_path, image_paths, load_predictor, write_predictions
     from server.predict import predict as run_predict
 
     try:
@@ -214,6 +214,7 @@ def predict(
         paths = image_paths(images)
         if not paths:
             raise FedHeadError(f"no image files under {', '.join(str(i) for i in images)}")
+        check_out_path(out, paths, predictor.model_dir)
         predictions = run_predict(predictor, paths, top_k=top_k)
         write_predictions(predictions, out)
     except (FedHeadError, OSError) as exc:

@@ -19,12 +19,13 @@ from typing import Any
 import torch
 from torchvision.transforms import v2
 
+from common.config import is_plain_name
 from common.data_formats import IMAGE_SUFFIXES, UnreadableImageError, read_image_file
 from common.errors import ConfigError, DataError
 from common.files import atomic_path
 from common.progress import ProgressReporter
 
-__all__ = ["ENGINES", "Prediction", "Predictor", "load_predictor", "image_paths", "predict", "write_predictions"]
+__all__ = ["ENGINES", "Prediction", "Predictor", "load_predictor", "check_out_path", "image_paths", "predict", "write_predictions"]
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +48,7 @@ class Predictor:
         self.model_dir = model_dir
         self.manifest = manifest
         self.engine = engine
-        contract = manifest["input"]
-        self.size = tuple(contract["resize"]["size"])
-        self.interpolation = v2.InterpolationMode(contract["resize"]["interpolation"])
-        self.antialias = bool(contract["resize"]["antialias"])
-        self.classes = list(manifest["output"]["classes"])
+        self.size, self.interpolation, self.antialias, self.classes = _input_and_classes(manifest, model_dir / "manifest.json")
         name = manifest["files"]["onnx" if engine == "onnx" else "torch_export"]
         try:
             if engine == "onnx":
@@ -62,7 +59,21 @@ class Predictor:
                 self._module = torch.export.load(str(model_dir / name)).module()
         except Exception as exc:  # onnxruntime and torch.export raise many types for a damaged file
             other = "torch" if engine == "onnx" else "onnx"
-            raise DataError(f"{model_dir / name} does not load ({type(exc).__name__}: {exc}); try --engine {other}") from exc
+            hint = f"try --engine {other}" if engine == "onnx" or manifest["files"].get("onnx") else "re-export the run"
+            raise DataError(f"{model_dir / name} does not load ({type(exc).__name__}: {exc}); {hint}") from exc
+        self._check_outputs(model_dir / name)
+
+    def _check_outputs(self, model_file: Path) -> None:
+        """One blank image through the model: it must take the manifest's input and give one logit per listed class."""
+        mismatch = "the manifest does not describe this model: restore the run's own manifest.json or re-export the run"
+        try:
+            outputs = tuple(self.logits(torch.zeros(1, 3, *self.size)).shape)
+        except Exception as exc:  # torch.export's guards and onnxruntime raise their own types
+            raise DataError(f"{model_file} does not take the manifest's {self.size[0]}x{self.size[1]} input "
+                            f"({type(exc).__name__}); {mismatch}") from exc
+        if outputs != (1, len(self.classes)):
+            raise DataError(f"{model_file} gives {outputs[-1]} outputs per image but the manifest lists "
+                            f"{len(self.classes)} classes; {mismatch}")
 
     def prepare(self, image: torch.Tensor) -> torch.Tensor:
         """A (C, H, W) uint8 image as the model's input row (3, S, S) in [0, 1], step by step from the manifest."""
@@ -79,20 +90,49 @@ class Predictor:
             return self._module(inputs)
 
 
+def _input_and_classes(manifest: dict[str, Any], path: Path) -> tuple[tuple[int, int], v2.InterpolationMode, bool, list[str]]:
+    """The manifest's resize and class list, checked: DataError naming every problem."""
+    resize = manifest["input"].get("resize")
+    resize = resize if isinstance(resize, dict) else {}
+    size, interpolation, antialias = resize.get("size"), resize.get("interpolation"), resize.get("antialias")
+    classes = manifest["output"].get("classes")
+    problems = []
+    if not (isinstance(size, list) and len(size) == 2 and all(type(v) is int and 1 <= v <= 4096 for v in size)):
+        problems.append(f"input.resize.size is {size!r}; expected [height, width], each 1 to 4096")
+    modes = [m.value for m in v2.InterpolationMode]
+    if interpolation not in modes:
+        problems.append(f"input.resize.interpolation is {interpolation!r}; expected one of {', '.join(modes)}")
+    if not isinstance(antialias, bool):
+        problems.append(f"input.resize.antialias is {antialias!r}; expected true or false")
+    if not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) and c for c in classes)
+            and len(set(classes)) == len(classes)):
+        problems.append(f"output.classes is {str(classes)[:80]}; expected a list of at least 2 distinct class names")
+    if problems:
+        raise DataError(f"{path} is damaged:\n  - " + "\n  - ".join(problems) + "\nrestore the run's own manifest.json or re-export the run")
+    return (size[0], size[1]), v2.InterpolationMode(interpolation), antialias, classes
+
+
 def _read_manifest(model_dir: Path) -> dict[str, Any]:
     path = model_dir / "manifest.json"
     try:
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
-        raise DataError(f"{path} does not exist; give the folder of a finished run (runs/<name>)") from None
+        raise DataError(f"{path} does not exist; give the folder of a finished run (runs/<name>) or its model/ folder") from None
     except (OSError, ValueError) as exc:
         raise DataError(f"{path} cannot be read as JSON ({exc}); re-export the run or restore the file") from exc
+    if not isinstance(manifest, dict):
+        raise DataError(f"{path} holds a {type(manifest).__name__}, not a manifest; restore the run's own manifest.json")
     missing = [key for key in ("input", "output", "files") if not isinstance(manifest.get(key), dict)]
     if missing:
         raise DataError(
             f"{path} has no {', '.join(repr(k) for k in missing)} section: it was written by a fedhead older than "
             "the ONNX export, so it does not say what the model takes; rerun the training to get a model with a full manifest"
         )
+    for key in ("onnx", "torch_export"):  # the model files are named inside the model folder, never elsewhere
+        name = manifest["files"].get(key)
+        if name and not (isinstance(name, str) and is_plain_name(name)):
+            raise DataError(f"{path}: files.{key} is {name!r}; it must name a file in the model folder itself "
+                            "(restore the run's own manifest.json)")
     return manifest
 
 
@@ -126,6 +166,17 @@ def load_predictor(run_dir: Path, engine: str = "auto") -> Predictor:
     model_dir = run_dir / "model" if (run_dir / "model" / "manifest.json").exists() else run_dir
     manifest = _read_manifest(model_dir)
     return Predictor(model_dir, manifest, _choose_engine(manifest, engine, model_dir))
+
+
+def check_out_path(out: Path, images: list[Path], model_dir: Path) -> None:
+    """DataError when the CSV would overwrite an image to classify, a file of the model, or is a folder."""
+    target = out.resolve()
+    if out.is_dir():
+        raise DataError(f"--out {out} is a folder; give a file name, e.g. --out {out / 'predictions.csv'}")
+    if target.is_relative_to(model_dir.resolve()):
+        raise DataError(f"--out {out} is inside the model folder {model_dir}; write the CSV elsewhere")
+    if any(target == image.resolve() for image in images):
+        raise DataError(f"--out {out} is one of the images to classify; write the CSV elsewhere")
 
 
 def image_paths(targets: Iterable[Path]) -> list[Path]:

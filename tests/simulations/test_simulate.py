@@ -200,3 +200,38 @@ def test_predict_reproduces_the_held_out_accuracy_from_image_files(cached_run, t
     onnx, program = load_predictor(cached_run.run_dir, "onnx"), load_predictor(cached_run.run_dir, "torch")
     batch = torch.stack([onnx.prepare(torch.from_numpy(np.array(Image.open(p)))[None]) for p in paths])
     assert float((onnx.logits(batch) - program.logits(batch)).abs().max()) <= 1e-4
+
+
+@pytest.mark.parametrize(("change", "says"), [
+    (lambda m: {**m, "output": {**m["output"], "classes": m["output"]["classes"][:9]}}, "gives 10 outputs per image but the manifest lists 9"),
+    (lambda m: {**m, "output": {**m["output"], "classes": m["output"]["classes"][:9] + ["0"]}}, "at least 2 distinct"),
+    (lambda m: {**m, "input": {**m["input"], "resize": {**m["input"]["resize"], "size": [100000, 100000]}}}, "each 1 to 4096"),
+    (lambda m: {**m, "input": {**m["input"], "resize": {**m["input"]["resize"], "interpolation": "sharp"}}}, "expected one of"),
+    (lambda m: {**m, "files": {**m["files"], "torch_export": "../../model.pt2"}}, "must name a file in the model folder"),
+    (lambda m: [m], "holds a list, not a manifest"),
+])
+def test_predict_refuses_a_manifest_that_does_not_describe_its_model(cached_run, tmp_path, change, says):
+    import shutil
+
+    from common.errors import DataError
+    from server.predict import load_predictor
+
+    model = shutil.copytree(cached_run.run_dir / "model", tmp_path / "model")
+    (model / "manifest.json").write_text(json.dumps(change(json.loads((model / "manifest.json").read_text()))))
+    with pytest.raises(DataError, match="restore the run's own manifest.json") as err:
+        load_predictor(model, "torch")
+    assert says in str(err.value)
+
+
+def test_predict_never_writes_over_an_image_or_the_model(cached_run, tmp_path):
+    from PIL import Image
+
+    from simulations.cli import main
+
+    image = tmp_path / "one.png"
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(image)
+    model_file = cached_run.run_dir / "model" / "model.pt2"
+    before = model_file.read_bytes()
+    for out in (image, model_file, tmp_path):
+        assert main(["predict", str(cached_run.run_dir), str(image), "--out", str(out)]) == 2
+    assert model_file.read_bytes() == before and Image.open(image).size == (8, 8)
