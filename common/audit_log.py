@@ -30,6 +30,7 @@ from common.signing import sign_hex
 __all__ = ["AUDIT_FILE", "AUDIT_KINDS", "GENESIS", "AuditWriter", "record_sha256", "format_line", "read_audit_lines"]
 
 AUDIT_FILE = "audit.jsonl"  # in the run folder
+SERVER_PUB_FILE = "server.pub"  # in the run folder: the public half of the key that signs the log
 AUDIT_KINDS = ("run-start", "round", "problem", "run-end")
 GENESIS = "0" * 64
 _UNHASHED = ("sha256", "signature")

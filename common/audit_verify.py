@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.audit_log import AUDIT_FILE, AUDIT_KINDS, GENESIS, format_line, read_audit_lines, record_sha256
+from common.audit_log import AUDIT_FILE, AUDIT_KINDS, GENESIS, SERVER_PUB_FILE, format_line, read_audit_lines, record_sha256
 from common.hashing import sha256_safetensors
 from common.privacy import PRV_EPS_ERROR, DPEvent, independent_central_epsilon, independent_epsilon
 from common.protocol import receipt_payload
-from common.signing import verify_hex
+from common.errors import ConfigError
+from common.signing import load_public_key, verify_hex
 
 __all__ = ["AuditReport", "verify_run", "cross_check"]
 
@@ -120,12 +121,30 @@ class _Verifier:
         self.report.records = len(lines)
         self._kinds(kinds, len(lines))
         self.report.signer = self.key
+        folder_key = self._folder_key()
         unpinned = sorted(set(self.site_keys) - self.pinned_sites)
         self.report.trust = (
-            f"server key {'pinned' if self.pinned_key else 'as the log names it'}; "
+            f"server key {'pinned' if self.pinned_key else 'as the log names it'}"
+            + (f" and as {SERVER_PUB_FILE} holds it" if folder_key else "") + "; "
             + (f"site keys of {', '.join(unpinned)} as first seen in the log" if unpinned else "every site key pinned")
         )
         return self.report
+
+    def _folder_key(self) -> str | None:
+        """The run folder's ``server.pub``, held against the key the log names (unless the auditor pinned one)."""
+        path = self.run_dir / SERVER_PUB_FILE
+        if self.pinned_key or not path.is_file():
+            return None
+        try:
+            folder_key = load_public_key(path)
+        except (OSError, ConfigError) as exc:
+            self.problem(SERVER_PUB_FILE, f"cannot be read as the server's public key ({exc}); pin the key you trust with --key")
+            return None
+        if self.key and folder_key != self.key:
+            self.problem(SERVER_PUB_FILE, f"holds key {folder_key[:16]}..., but the log is signed by {self.key[:16]}...: "
+                                          "one of them was replaced; pin the server key you trust with --key")
+            return None
+        return folder_key
 
     def _kinds(self, kinds: list[tuple[int, str]], count: int) -> None:
         """Exactly one run-start, first, and one run-end, last."""

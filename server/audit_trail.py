@@ -17,7 +17,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from common.audit_log import AUDIT_FILE, AuditWriter
+from common.audit_log import AUDIT_FILE, SERVER_PUB_FILE, AuditWriter
 from common.config import RunConfig
 from common.files import write_bytes_atomic
 from common.hashing import sha256_json
@@ -29,7 +29,6 @@ __all__ = ["AuditTrail", "server_key_path", "SERVER_PUB_FILE"]
 
 log = logging.getLogger(__name__)
 
-SERVER_PUB_FILE = "server.pub"
 _WEIGHTED = ("fedavg", "fedprox", "fedadam", "fedyogi")  # strategies that average updates weighted by examples
 
 

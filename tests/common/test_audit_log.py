@@ -21,7 +21,7 @@ from common.privacy import DPEvent, epsilon_spent
 from common.hashing import sha256_arrays
 from common.protocol import PrivacyReport, Receipt, SiteInfo, TrainMetrics, build_train_content, receipt_payload
 from common.receipt_ledger import append_receipt, read_receipts
-from common.signing import load_or_create_key, public_hex, sign_hex
+from common.signing import load_or_create_key, public_hex, public_pem, sign_hex
 from server.app import run_federation
 from simulations.cli import app
 from tests.server.scripted_grid import ScriptedGrid
@@ -185,6 +185,23 @@ def test_a_log_re_signed_by_another_key_fails_against_the_pinned_one_and_a_wrong
     # the site signed its real epsilon: the server's own key cannot make it say another
     assert any(p.startswith(f"record {index} ") and "site-22: the site's signature does not match" in p
                for p in unpinned.problems)
+
+
+def test_a_log_re_signed_by_another_key_disagrees_with_the_run_folders_server_pub(signed_run, tmp_path):
+    run_dir = _copy(signed_run, tmp_path)
+    records = _records(run_dir)
+    forger = load_or_create_key(tmp_path / "forger.pem")
+    records[0]["content"]["server_public_key"] = public_hex(forger)
+    _resign(records, forger)
+    _write(run_dir, records)
+    assert verify_run(run_dir).problems == [
+        f"server.pub: holds key {signed_run[1][:16]}..., but the log is signed by {public_hex(forger)[:16]}...: "
+        "one of them was replaced; pin the server key you trust with --key"
+    ]
+    (run_dir / "server.pub").write_bytes(public_pem(forger))  # a forger who replaces both: only a pinned key tells
+    assert verify_run(run_dir).ok and not verify_run(run_dir, key=signed_run[1]).ok
+    (run_dir / "server.pub").write_text("not a key")
+    assert any(p.startswith("server.pub: cannot be read") for p in verify_run(run_dir).problems)
 
 
 def test_the_server_cannot_invent_or_alter_a_sites_update_even_with_its_own_key(signed_run, tmp_path):
