@@ -276,6 +276,12 @@ FORGERIES = {
     "a smaller client epsilon at the end": (lambda rs: rs[-1]["content"].update(client_epsilon=0.1), "client_epsilon 0.1"),
     "more rounds completed at the end": (lambda rs: rs[-1]["content"].update(rounds_completed=99), "rounds_completed 99"),
     "a junk problem record": (lambda rs: rs.insert(2, {**rs[2], "kind": "problem", "content": {"round": "x"}}), "problem record needs"),
+    "an event too noisy to recompute": (  # would take the independent accountant hours
+        lambda rs: _round_of(rs)["content"]["record"]["sites"]["site-21"]["train"]["privacy"]["event"].update(
+            noise_multiplier=0.05, sample_rate=1.0), "outside what is recomputed"),
+    "an event of 1e11 steps": (
+        lambda rs: _round_of(rs)["content"]["record"]["sites"]["site-21"]["train"]["privacy"]["event"].update(steps=10**11),
+        "this site's privacy is unverified"),
 }
 
 
