@@ -431,8 +431,17 @@ def cross_check(run_dir: Path, receipts: list[dict[str, Any]], site_key: str) ->
     lines = read_audit_lines(Path(run_dir) / AUDIT_FILE)
     records = [record for _, record, _ in lines if record is not None]
     run_id = records[0].get("run_id") if records else None
-    mine = [r for r in receipts if isinstance(r, dict) and r.get("run_id") == run_id and r.get("public_key") == site_key]
-    names = {r.get("site") for r in mine}
+    problems: list[str] = []
+    mine = []
+    for number, r in enumerate(receipts, 1):
+        if not (isinstance(r, dict) and r.get("run_id") == run_id and r.get("public_key") == site_key):
+            continue  # another run's, or another key's
+        if isinstance(r.get("site"), str) and type(r.get("server_round")) is int:
+            mine.append(r)
+        else:
+            problems.append(f"receipt {number}: its site {str(r.get('site'))[:40]!r} or round {str(r.get('server_round'))[:40]!r} "
+                            "is malformed: the site's ledger is damaged")
+    names = {r["site"] for r in mine}
     claimed: dict[int, tuple[int, dict[str, Any]]] = {}
     rejected: dict[int, list[str]] = {}
     for index, record in enumerate(records):
@@ -449,10 +458,10 @@ def cross_check(run_dir: Path, receipts: list[dict[str, Any]], site_key: str) ->
                 receipt = train.get("receipt") if isinstance(train.get("receipt"), dict) else {}
                 if name in names or receipt.get("public_key") == site_key:
                     claimed[rec["round"]] = (index, train)
-        elif (record.get("kind") == "problem" and content.get("site") in names and content.get("phase") == "train"
+        elif (record.get("kind") == "problem" and isinstance(content.get("site"), str) and content["site"] in names
+              and content.get("phase") == "train"
               and isinstance(content.get("round"), int) and isinstance(content.get("reasons"), list)):
             rejected.setdefault(content["round"], []).extend(str(r) for r in content["reasons"])
-    problems: list[str] = []
     agreed: list[str] = []
     for receipt in mine:
         number = receipt.get("server_round")

@@ -46,7 +46,10 @@ def read_receipts(state_dir: Path) -> list[dict[str, Any]]:
     path = receipts_path(state_dir)
     if not path.exists():
         return []
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}): the ledger is damaged") from None
     out = []
     for number, line in enumerate(lines, 1):
         try:

@@ -20,6 +20,7 @@ from common.paths import FEDHEAD_HOME_ENV
 from common.privacy import DPEvent, epsilon_spent
 from common.hashing import sha256_arrays
 from common.protocol import PrivacyReport, Receipt, SiteInfo, TrainMetrics, build_train_content, receipt_payload
+from common.errors import DataError
 from common.receipt_ledger import append_receipt, read_receipts
 from common.signing import load_or_create_key, public_hex, public_pem, sign_hex
 from server.app import run_federation
@@ -398,3 +399,18 @@ def test_a_server_that_drops_a_sites_round_or_alters_its_epsilon_is_caught_by_th
     _write(altered, records)
     problems, _ = cross_check(altered, ledger, site_key)
     assert problems == [f"record {index}: round 1: the log's privacy differ from the site's receipt"], problems
+
+
+def test_a_damaged_site_ledger_is_named_not_a_traceback(signed_run, tmp_path):
+    _, _, home = signed_run
+    site_key = public_hex(load_or_create_key(home / "site-21.pem"))
+    ledger = read_receipts(home / "site-21")
+    damaged = [ledger[0], {**ledger[1], "site": ["site-21"]}, {**ledger[2], "server_round": [3]}]
+    problems, agreed = cross_check(signed_run[0], damaged, site_key)
+    assert len(agreed) == 1 and [p.split(":")[0] for p in problems[:2]] == ["receipt 2", "receipt 3"]
+    assert all("is malformed: the site's ledger is damaged" in p for p in problems[:2])
+    state = tmp_path / "site"
+    state.mkdir()
+    (state / "receipts.jsonl").write_bytes((home / "site-21" / "receipts.jsonl").read_bytes() + b"\xff\xfe\n")
+    with pytest.raises(DataError, match="is not UTF-8 text"):
+        read_receipts(state)
