@@ -181,6 +181,10 @@ def report(
     from server.report import write_report  # matplotlib and jinja2: only when a page is drawn
 
     pinned, sites = trusted_keys(key, site_keys)
+    if out is not None and (out.is_dir() or (out.resolve().is_relative_to(run_dir.resolve()) and out.suffix.lower() != ".html")):
+        # the run folder's own files (the signed log, the model, the summary) are never written over
+        report_problem(f"--out {out}: give an .html file name outside the run's own files, e.g. --out {run_dir / 'report.html'}")
+        raise typer.Exit(ExitCode.BAD_INPUT)
     try:
         path, evidence = write_report(run_dir, out, key=pinned, site_keys=sites)
     except (DataError, OSError) as exc:

@@ -414,3 +414,12 @@ def test_a_damaged_site_ledger_is_named_not_a_traceback(signed_run, tmp_path):
     (state / "receipts.jsonl").write_bytes((home / "site-21" / "receipts.jsonl").read_bytes() + b"\xff\xfe\n")
     with pytest.raises(DataError, match="is not UTF-8 text"):
         read_receipts(state)
+
+
+def test_report_never_writes_over_the_runs_own_files(signed_run, tmp_path):
+    run_dir = _copy(signed_run, tmp_path)
+    log = (run_dir / "audit.jsonl").read_bytes()
+    for out in (run_dir / "audit.jsonl", run_dir / "model", run_dir / "summary.json"):
+        result = CliRunner().invoke(app, ["report", str(run_dir), "--out", str(out)])
+        assert result.exit_code == 2 and "give an .html file name" in result.output, result.output
+    assert (run_dir / "audit.jsonl").read_bytes() == log
