@@ -24,6 +24,7 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimme
 HEADS = ("linear", "mlp")
 PARTITIONERS = ("iid", "dirichlet", "shard")
 OPTIMIZERS = ("adam", "sgd")
+MAX_ROUNDS = 100_000  # Flower keeps the round number in a 64-bit field; no run needs more
 DATASETS = ("fashion-mnist", "digits", "npz", "image-folder")
 DP_MODES = ("none", "sample", "central", "both")
 ACCOUNTANTS = ("rdp", "prv", "gdp")
@@ -199,7 +200,7 @@ def _problems(cfg: RunConfig) -> list[str]:
         if not ok:
             problems.append(message)
 
-    need(cfg.num_server_rounds >= 1, f"'num-server-rounds' = {cfg.num_server_rounds}: must be >= 1")
+    need(1 <= cfg.num_server_rounds <= MAX_ROUNDS, f"'num-server-rounds' = {cfg.num_server_rounds}: must be 1 to {MAX_ROUNDS:,}")
     need(cfg.strategy in STRATEGIES, f"'strategy' = {cfg.strategy!r}: choose one of {', '.join(STRATEGIES)}")
     need(0.0 < cfg.fraction_train <= 1.0, f"'fraction-train' = {cfg.fraction_train}: must be in (0, 1]")
     need(cfg.min_sites >= 1, f"'min-sites' = {cfg.min_sites}: must be >= 1")

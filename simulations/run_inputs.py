@@ -65,6 +65,14 @@ def check_run_target(
     cfg = build_run_config(kebab)
     if cfg.sites_per_round > num_sites:
         raise ConfigError(f"'sites-per-round' = {cfg.sites_per_round}: more than the {num_sites} simulated sites")
+    if cfg.min_sites > num_sites:
+        raise ConfigError(f"'min-sites' = {cfg.min_sites}: more than the {num_sites} sites, so no round could start; "
+                          f"lower it or pass --sites {cfg.min_sites}")
+    if cfg.dataset in ("fashion-mnist", "digits") and len(cfg.class_names) != 10:
+        raise ConfigError(f"'classes' names {len(cfg.class_names)} classes, but dataset {cfg.dataset!r} has 10; "
+                          "leave 'classes' out (or name all 10)")
+    if cfg.enrolment and not Path(cfg.enrolment).is_file():
+        raise ConfigError(f"'enrolment' = {cfg.enrolment!r} is not a file; give the federation's enrolment.json")
     run_name = check_run_name(name) if name else str(kebab.get("run-name", "")) or default_run_name(cfg)
     check_run_name(run_name, "run-name")
     run_dir = ensure_writable_dir(kebab.get("run-dir", root / "runs"), "run-dir")

@@ -62,6 +62,20 @@ def test_a_run_name_in_the_run_config_is_checked_too(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(("text", "says"), [
+    ("min-sites=3", "'min-sites' = 3: more than the 2 sites, so no round could start"),
+    ("classes='a,b'", "'classes' names 2 classes, but dataset 'digits' has 10"),
+    ("enrolment='no-such-enrolment.json'", "'enrolment' = 'no-such-enrolment.json' is not a file"),
+    ("num-server-rounds=99999999999999999999", "must be 1 to 100,000"),
+])
+def test_a_config_that_could_never_run_is_refused_before_anything_starts(tmp_path, capsys, text, says):
+    from simulations.cli import main
+
+    assert main(["simulate", "--sites", "2", "--run-config", f"dataset='digits' run-dir='{tmp_path}' {text}"]) == 2
+    assert says in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_unwritable_run_dir_is_refused_before_anything_starts(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
