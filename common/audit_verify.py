@@ -14,6 +14,7 @@ against the budgets the run-start record declares.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from common.audit_log import AUDIT_FILE, AUDIT_KINDS, GENESIS, SERVER_PUB_FILE, format_line, read_audit_lines, record_sha256
-from common.hashing import sha256_safetensors
+from common.config import is_plain_name
+from common.hashing import sha256_file, sha256_safetensors
 from common.privacy import PRV_EPS_ERROR, DPEvent, independent_central_epsilon, independent_epsilon
 from common.protocol import receipt_payload
 from common.errors import ConfigError
@@ -44,6 +46,7 @@ class AuditReport:
     site_signatures: int = 0
     signer: str | None = None
     trust: str = ""  # which keys were pinned by the auditor and which taken from the log
+    model_files: int = 0  # exported model files (model.pt2, model.onnx, manifest.json) that match the signed hashes
 
     @property
     def ok(self) -> bool:
@@ -54,7 +57,8 @@ class AuditReport:
         if self.ok:
             return (
                 f"{run_dir}: audit log verified: {self.records} records, {self.rounds} rounds, "
-                f"{self.site_signatures} site signatures and {self.epsilons_checked} epsilons checked, "
+                f"{self.site_signatures} site signatures, {self.epsilons_checked} epsilons and "
+                f"{self.model_files} exported model files checked, "
                 f"signed by {self.signer[:16]}... ({self.trust})"
             )
         return f"{run_dir}: {len(self.problems)} problem(s) in the audit log"
@@ -392,6 +396,43 @@ class _Verifier:
             self.problem(where, f"max_epsilon {content['max_epsilon']!r} is not the largest site epsilon {largest!r}")
         if content.get("confusion_matrix") is not None:
             self._confusion(where, content["confusion_matrix"], content["accuracy"])
+        self._model_files(where, content.get("model_files"))
+        self._summary_file(content)
+
+    def _model_files(self, where: str, files: Any) -> None:
+        """Each exported file (model.pt2, model.onnx, manifest.json) against the hash the run-end record signed."""
+        if files is None:  # a log from before the exported files were hashed
+            return
+        if not isinstance(files, dict):
+            self.problem(where, f"model_files is a {type(files).__name__}, not a mapping of file names to sha256")
+            return
+        for name, digest in sorted(files.items()):
+            path = self.run_dir / "model" / name
+            if not is_plain_name(name) or not path.is_file():
+                self.problem(where, f"model/{name}, which the run-end record lists, is missing")
+            elif sha256_file(path) != digest:
+                self.problem(where, f"model/{name} hashes to {sha256_file(path)[:16]}..., not the {str(digest)[:16]}... "
+                                    "the run-end record signed: it was changed after the run")
+            else:
+                self.report.model_files += 1
+
+    def _summary_file(self, end: dict[str, Any]) -> None:
+        """summary.json, which `fedhead show` prints, must say what the signed run-end record says."""
+        path = self.run_dir / "summary.json"
+        if not path.exists():
+            return
+        try:
+            summary = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            self.problem("summary.json", f"cannot be read as JSON ({exc}); the signed run-end record holds the run's figures")
+            return
+        if not isinstance(summary, dict):
+            self.problem("summary.json", "is not a JSON object")
+            return
+        for key in ("status", "rounds_completed", "head_sha256", "accuracy", "max_epsilon", "client_epsilon"):
+            if key in end and summary.get(key) != end[key]:
+                self.problem("summary.json", f"{key} {summary.get(key)!r} is not the signed run-end record's {end[key]!r}: "
+                                             "the file was changed after the run")
 
     def _confusion(self, where: str, confusion: Any, accuracy: Any) -> None:
         """The held-out confusion matrix: square over the run's classes, its diagonal giving the reported accuracy."""

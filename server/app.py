@@ -15,7 +15,7 @@ from common.config import RunConfig, build_run_config
 from common.enrolment import load_enrolment
 from common.errors import DataError
 from common.exchange import load_arrayrecord, to_arrayrecord, trainable_layout
-from common.hashing import sha256_safetensors
+from common.hashing import sha256_file, sha256_safetensors
 from common.logs import configure_logging
 from common.model import SplitModel, build_split_model
 from common.paths import fedhead_home
@@ -182,7 +182,8 @@ def run_federation(grid: Grid, cfg: RunConfig, *, run_id: str = "") -> dict:
         )
         folder.write_json("summary.json", summary)
         log.info("summary written to %s (status %s)", folder.root / "summary.json", status)
-        trail.end(summary, saved_head_sha256=sha256_safetensors(folder.model_dir / "head.safetensors"))
+        exported = {p.name: sha256_file(p) for p in sorted(folder.model_dir.glob("*")) if p.is_file() and p.name != "head.safetensors"}
+        trail.end(summary, saved_head_sha256=sha256_safetensors(folder.model_dir / "head.safetensors"), model_files=exported)
     if status == "failed":
         raise RuntimeError(error)
     if status == "degraded":

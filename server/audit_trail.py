@@ -111,9 +111,11 @@ class AuditTrail:
             },
         })
 
-    def end(self, summary: dict[str, Any], *, saved_head_sha256: str | None) -> None:
-        """The run-end record: how it ended, the final and the saved head's hashes, the privacy spent."""
+    def end(self, summary: dict[str, Any], *, saved_head_sha256: str | None, model_files: dict[str, str] | None = None) -> None:
+        """The run-end record: how it ended, the final and the saved head's hashes, the exported files' hashes
+        (``model_files``: file name in model/ -> sha256), the privacy spent."""
         self.writer.append("run-end", {
+            "model_files": model_files or {},
             "status": summary.get("status"),
             "error": summary.get("error"),
             "rounds_completed": summary.get("rounds_completed"),

@@ -423,3 +423,23 @@ def test_report_never_writes_over_the_runs_own_files(signed_run, tmp_path):
         result = CliRunner().invoke(app, ["report", str(run_dir), "--out", str(out)])
         assert result.exit_code == 2 and "give an .html file name" in result.output, result.output
     assert (run_dir / "audit.jsonl").read_bytes() == log
+
+
+def test_the_exported_model_and_the_summary_are_held_to_the_signed_run_end(signed_run, tmp_path):
+    run_dir = _copy(signed_run, tmp_path)
+    report = verify_run(run_dir, key=signed_run[1])
+    assert report.ok and report.model_files == 2  # model.pt2 and manifest.json (this run has no ONNX)
+    program = bytearray((run_dir / "model" / "model.pt2").read_bytes())
+    program[len(program) // 2] ^= 1
+    (run_dir / "model" / "model.pt2").write_bytes(bytes(program))
+    manifest = json.loads((run_dir / "model" / "manifest.json").read_text())
+    manifest["output"]["classes"][0] = "renamed"
+    (run_dir / "model" / "manifest.json").write_text(json.dumps(manifest))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary["accuracy"] = 0.99
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    problems = verify_run(run_dir, key=signed_run[1]).problems
+    end = len(_records(run_dir)) - 1
+    assert [p.split(" hashes to")[0] for p in problems if " hashes to " in p] == [
+        f"record {end} (line {end + 1}): model/manifest.json", f"record {end} (line {end + 1}): model/model.pt2"]
+    assert any(p.startswith("summary.json: accuracy 0.99 is not the signed run-end record's") for p in problems), problems
