@@ -120,6 +120,8 @@ class PrivacyLedger:
             return {}
         except OSError as exc:
             raise LedgerError(f"privacy ledger {self.path} cannot be read: {exc.strerror or exc}") from None
+        except UnicodeDecodeError as exc:
+            raise self._fail([f"not UTF-8 text ({exc.reason} at byte {exc.start})"]) from None
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:

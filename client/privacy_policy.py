@@ -73,6 +73,8 @@ def load_policy(path: str | os.PathLike) -> SitePolicy:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"site policy {path} cannot be read ({exc.strerror or exc}); check the site config's 'policy'") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"site policy {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8 TOML") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"site policy {path} is not valid TOML: {exc}") from None
     known = {f.name.replace("_", "-") for f in fields(SitePolicy)} - {"source"}

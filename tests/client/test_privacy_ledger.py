@@ -78,6 +78,9 @@ def test_a_damaged_ledger_is_a_clear_error_and_is_not_reset(tmp_path):
     with pytest.raises(LedgerError):
         ledger.record(DATA_A, run_id="r", server_round=3, event=_event(1.5))
     assert ledger.path.read_text().endswith('"datasets": {')  # left for the operator to restore
+    ledger.path.write_bytes(b"\xff\xfe{}")
+    with pytest.raises(LedgerError, match="not UTF-8 text"):
+        PrivacyLedger(ledger.path).load()
 
 
 def test_an_edited_ledger_fails_its_checksum(tmp_path):

@@ -52,6 +52,9 @@ def test_unknown_keys_and_wrong_types_are_all_reported_at_once(tmp_path):
     path.write_text("max-epsilon = [")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_policy(path)
+    path.write_bytes(b"max-epsilon = 3.0\n# \xe9t\xe9\n")  # Latin-1, as an old editor saves it
+    with pytest.raises(ConfigError, match="is not UTF-8 text .* save it as UTF-8 TOML"):
+        load_policy(path)
 
 
 @pytest.mark.parametrize(
