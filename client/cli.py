@@ -55,6 +55,9 @@ def check(
     from client.site_report import check_warnings, image_kinds
     from common.config import build_run_config
 
+    if delta is not None and not 0.0 < delta < 1.0:  # NaN fails too
+        report_problem(f"--delta {delta}: must be in (0, 1), e.g. --delta 1e-5")
+        raise typer.Exit(ExitCode.BAD_INPUT)
     names, origin = _class_names(data_dir, classes)
     cfg = build_run_config({"classes": ",".join(names)} if names else {})
     site = load_site_data(data_dir, cfg, name="site")

@@ -150,7 +150,7 @@ def describe(policy: SitePolicy, *, ledger: PrivacyLedger, data_fingerprint: str
     """
     delta = delta if delta is not None else policy.max_delta
     if delta is None:
-        raise ConfigError("give a delta: the policy sets no 'max-delta' to compute the lifetime epsilon at")
+        raise ConfigError("give a delta (--delta 1e-5): the policy sets no 'max-delta' to compute the lifetime epsilon at")
     entries = ledger.entries(data_fingerprint)
     spent = ledger.lifetime_epsilon(data_fingerprint, delta=delta, accountant=accountant)
     return {

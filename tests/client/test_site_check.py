@@ -89,3 +89,9 @@ def test_a_manifest_with_an_unknown_label_is_refused_naming_the_row(tmp_path, ca
     (tmp_path / "labels.csv").write_text("path,label\na.png,normal\nb.png,pneumonia\n")
     code, _, problems = _check(capsys, monkeypatch, tmp_path / "labels.csv", "--classes", "normal,effusion")
     assert code == 2 and "not among the run's classes (normal, effusion): row 3 'pneumonia'" in problems[0]
+
+
+@pytest.mark.parametrize("delta", ["nan", "-1", "2", "0"])
+def test_a_delta_outside_0_1_is_refused_as_bad_input(tmp_path, capsys, monkeypatch, delta):
+    code, _, problems = _check(capsys, monkeypatch, tmp_path, "--delta", delta)
+    assert code == 2 and problems == [f"--delta {float(delta)}: must be in (0, 1), e.g. --delta 1e-5"]
