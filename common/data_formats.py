@@ -131,6 +131,9 @@ def _load_arrays(path: Path, keys: set[str]) -> tuple[list[str], dict[str, np.nd
         with np.load(path, allow_pickle=False) as data:
             present = sorted(data.files)
             return present, {name: np.asarray(data[name]) for name in present if name in keys}
+    except MemoryError:  # an array header can claim any shape; numpy allocates it before reading
+        raise DataError(f"'{path}' holds an array too large to load into memory (or a damaged header that claims one); "
+                        f"split the data, or {fix}") from None
     except _NPZ_ERRORS as exc:
         raise DataError(f"cannot read '{path}' as an .npz archive: {exc}; {fix}") from exc
 

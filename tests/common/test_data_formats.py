@@ -254,3 +254,18 @@ def test_an_unknown_benchmark_lists_the_valid_names(tmp_path):
     with pytest.raises(ConfigError, match="'cifar-10'.*fashion-mnist, digits, npz, image-folder"):
         load_benchmark(cfg, tmp_path)
     assert set(BENCHMARKS) == set(DATASETS)
+
+
+def test_an_npz_whose_header_claims_a_huge_array_is_refused_not_a_memory_error(tmp_path):
+    import zipfile
+
+    header = io.BytesIO()  # 93 GiB claimed, 100 bytes held
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": (100_000, 1000, 1000)})
+    labels = io.BytesIO()
+    np.save(labels, np.zeros(3, dtype=np.int64))
+    path = tmp_path / "liar.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("train_images.npy", header.getvalue() + b"\0" * 100)
+        archive.writestr("train_labels.npy", labels.getvalue())
+    with pytest.raises(DataError, match="too large to load into memory|cannot read"):
+        read_npz(path, prefixes=("train",), required=("train",))
