@@ -152,5 +152,10 @@ def stage(
     from common.hashing import sha256_file
     from common.weights import stage_weights_file
 
-    dest = stage_weights_file(file, backbone=backbone)
+    try:
+        dest = stage_weights_file(file, backbone=backbone)
+    except OSError as exc:  # an unreadable file, a hub cache this user cannot write
+        report_problem(f"cannot stage {file}: {exc.strerror or exc}: {exc.filename or file}; "
+                       "check the file's permissions, or set TORCH_HOME to a folder this user can write")
+        raise typer.Exit(ExitCode.BAD_INPUT) from None
     print(f"staged {file.name} at {dest} (sha256 {sha256_file(dest)})")

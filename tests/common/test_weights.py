@@ -78,3 +78,12 @@ def test_pretrained_features_are_informative_and_random_ones_are_not(digits):
 
     assert probe_accuracy(True) > 0.8
     assert probe_accuracy(False) < 0.3  # chance is 0.1
+
+
+def test_stage_into_a_hub_cache_that_cannot_be_written_says_so(tmp_path, monkeypatch, capsys, staged_mobilenet):
+    from simulations.cli import main
+
+    (tmp_path / "a-file").write_text("not a folder")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "a-file" / "hub"))
+    assert main(["weights", "stage", str(staged_mobilenet)]) == 2
+    assert "set TORCH_HOME to a folder this user can write" in capsys.readouterr().err
