@@ -22,6 +22,9 @@ audit_app = typer.Typer(name="audit", help="Check a finished run's signed audit 
 
 def trusted_keys(key: Path | None, site_keys: Path | None) -> tuple[str | None, dict[str, str]]:
     """The server key and the sites' keys an auditor pins (hex); a key that cannot be read exits BAD_INPUT."""
+    if site_keys is not None and not (site_keys.is_dir() and any(site_keys.glob("*.pub"))):
+        report_problem(f"--site-keys {site_keys}: give a folder holding one <site-name>.pub per site to pin")
+        raise typer.Exit(ExitCode.BAD_INPUT)
     try:
         pinned = load_public_key(key) if key is not None else None
         sites = {p.stem: load_public_key(p) for p in sorted(site_keys.glob("*.pub"))} if site_keys is not None else {}

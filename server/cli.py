@@ -161,7 +161,14 @@ def show(run_dir: Annotated[Path, typer.Argument(help="A run folder, e.g. runs/<
     if not run_dir.is_dir() or not ((run_dir / "metrics.jsonl").exists() or (run_dir / "summary.json").exists()):
         report_problem(f"{run_dir} is not a run folder (no metrics.jsonl or summary.json in it)")
         raise typer.Exit(ExitCode.BAD_INPUT)
-    print_run(run_dir)
+    from common.errors import FedHeadError
+
+    try:
+        print_run(run_dir)
+    except (ValueError, FedHeadError) as exc:  # a damaged summary.json or metrics.jsonl (JSON, encoding)
+        report_problem(f"{run_dir}: its summary or metrics cannot be read ({exc}); `fedhead audit verify {run_dir}` "
+                       "checks the run against its signed log")
+        raise typer.Exit(ExitCode.BAD_INPUT) from None
 
 
 def report(

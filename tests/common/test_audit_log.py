@@ -443,3 +443,13 @@ def test_the_exported_model_and_the_summary_are_held_to_the_signed_run_end(signe
     assert [p.split(" hashes to")[0] for p in problems if " hashes to " in p] == [
         f"record {end} (line {end + 1}): model/manifest.json", f"record {end} (line {end + 1}): model/model.pt2"]
     assert any(p.startswith("summary.json: accuracy 0.99 is not the signed run-end record's") for p in problems), problems
+
+
+def test_a_damaged_summary_and_a_missing_site_keys_folder_are_bad_input(signed_run, tmp_path):
+    run_dir = _copy(signed_run, tmp_path)
+    missing = CliRunner().invoke(app, ["audit", "verify", str(run_dir), "--site-keys", str(tmp_path / "no-such-folder")])
+    assert missing.exit_code == 2 and "give a folder holding one <site-name>.pub" in missing.output
+    (run_dir / "summary.json").write_text("{damaged")
+    shown = CliRunner().invoke(app, ["show", str(run_dir)])
+    assert shown.exit_code == 2 and "its summary or metrics cannot be read" in shown.output
+    assert any(p.startswith("summary.json: cannot be read as JSON") for p in verify_run(run_dir).problems)
