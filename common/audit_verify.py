@@ -5,7 +5,9 @@ each record's own hash and the server's signature (with the key in the
 run-start record, or a pinned one); the run id; the order of kinds (run-start
 first, run-end last); each round's "before" head hash against the previous
 round's "after" (round 1 against the initial head); the saved head's hash
-against the last round's and the run-end record's; and every epsilon the log
+against the last round's and the run-end record's; the exported model files
+and ``summary.json`` against the run-end record; the run folder's
+``server.pub`` against the log's key (unless one is pinned); and every epsilon the log
 reports, recomputed from the recorded DP events with an accountant other than
 the one that produced it (record-level: Google's ``dp-accounting`` for
 fedhead's Opacus figures; client-level: Opacus for Flower's figures), and held
@@ -23,10 +25,10 @@ from typing import Any
 
 from common.audit_log import AUDIT_FILE, AUDIT_KINDS, GENESIS, SERVER_PUB_FILE, format_line, read_audit_lines, record_sha256
 from common.config import is_plain_name
+from common.errors import ConfigError
 from common.hashing import sha256_file, sha256_safetensors
 from common.privacy import PRV_EPS_ERROR, DPEvent, independent_central_epsilon, independent_epsilon
 from common.protocol import receipt_payload
-from common.errors import ConfigError
 from common.signing import load_public_key, verify_hex
 
 __all__ = ["AuditReport", "verify_run", "cross_check"]
