@@ -457,6 +457,18 @@ def _same(reported: Any, expected: float | None) -> bool:
     return _close(reported, expected, "rdp")
 
 
+def _receipt_signed(receipt: dict[str, Any], site_key: str) -> bool:
+    """Whether a receipt's signature is the site's over its own run, round, site, update, examples and privacy."""
+    try:
+        payload = receipt_payload(
+            run_id=str(receipt["run_id"]), server_round=receipt["server_round"], site=receipt["site"],
+            update_sha256=receipt.get("update_sha256"), num_examples=receipt.get("num_examples"), privacy=receipt.get("privacy"),
+        )
+        return verify_hex(site_key, payload, str(receipt.get("signature")))
+    except Exception:  # a malformed field cannot carry a valid signature
+        return False
+
+
 def verify_run(run_dir: Path, *, key: str | None = None, site_keys: Mapping[str, str] | None = None) -> AuditReport:
     """Verify ``run_dir``'s audit log (and saved head); ``key`` pins the server's key, ``site_keys`` sites' keys (hex)."""
     return _Verifier(Path(run_dir), key.lower() if key else None, site_keys or {}).run()
@@ -507,7 +519,12 @@ def cross_check(run_dir: Path, receipts: list[dict[str, Any]], site_key: str) ->
             rejected.setdefault(content["round"], []).extend(str(r) for r in content["reasons"])
     agreed: list[str] = []
     for receipt in mine:
-        number = receipt.get("server_round")
+        number = receipt["server_round"]
+        if not _receipt_signed(receipt, site_key):  # the ledger itself was changed: the log is not to blame
+            problems.append(f"receipt of round {number}: its signature does not match its own contents: "
+                            "the site's ledger was changed after the site signed it")
+            claimed.pop(number, None)
+            continue
         if number not in claimed:
             if number in rejected:
                 agreed.append(f"round {number}: not aggregated, as the log says: {'; '.join(rejected[number])[:200]}")

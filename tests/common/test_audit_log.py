@@ -453,3 +453,15 @@ def test_a_damaged_summary_and_a_missing_site_keys_folder_are_bad_input(signed_r
     shown = CliRunner().invoke(app, ["show", str(run_dir)])
     assert shown.exit_code == 2 and "its summary or metrics cannot be read" in shown.output
     assert any(p.startswith("summary.json: cannot be read as JSON") for p in verify_run(run_dir).problems)
+
+
+def test_a_receipt_changed_in_the_sites_ledger_is_blamed_on_the_ledger_not_the_log(signed_run):
+    _, _, home = signed_run
+    site_key = public_hex(load_or_create_key(home / "site-21.pem"))
+    ledger = read_receipts(home / "site-21")
+    changed = json.loads(json.dumps(ledger))
+    changed[0]["privacy"]["epsilon_run"] /= 2
+    problems, agreed = cross_check(signed_run[0], changed, site_key)
+    assert problems == ["receipt of round 1: its signature does not match its own contents: "
+                        "the site's ledger was changed after the site signed it"], problems
+    assert len(agreed) == 2
