@@ -13,11 +13,12 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 from common.errors import ConfigError
 
-__all__ = ["is_plain_name", "RunConfig", "STRATEGIES", "HEADS", "PARTITIONERS", "OPTIMIZERS", "DATASETS", "DP_MODES", "ACCOUNTANTS", "CENTRAL_CLIPPING",
+__all__ = ["is_plain_name", "RunConfig", "STRATEGIES", "HEADS", "PARTITIONERS", "OPTIMIZERS", "DATASETS", "BENCHMARK_CLASS_COUNTS", "DP_MODES", "ACCOUNTANTS", "CENTRAL_CLIPPING",
            "build_run_config"]
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
@@ -26,6 +27,8 @@ PARTITIONERS = ("iid", "dirichlet", "shard")
 OPTIMIZERS = ("adam", "sgd")
 MAX_ROUNDS = 100_000  # Flower keeps the round number in a 64-bit field; no run needs more
 DATASETS = ("fashion-mnist", "digits", "npz", "image-folder")
+# datasets whose classes are fixed (common.benchmarks loads them); npz and image folders name their own
+BENCHMARK_CLASS_COUNTS: Mapping[str, int] = MappingProxyType({"fashion-mnist": 10, "digits": 10})
 DP_MODES = ("none", "sample", "central", "both")
 ACCOUNTANTS = ("rdp", "prv", "gdp")
 CENTRAL_CLIPPING = ("server", "client")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from common.cli import check_run_name
-from common.config import RunConfig, build_run_config
+from common.config import BENCHMARK_CLASS_COUNTS, RunConfig, build_run_config
 from common.errors import ConfigError
 from common.files import ensure_writable_dir
 from server.run_folder import default_run_name
@@ -68,9 +68,10 @@ def check_run_target(
     if cfg.min_sites > num_sites:
         raise ConfigError(f"'min-sites' = {cfg.min_sites}: more than the {num_sites} sites, so no round could start; "
                           f"lower it or pass --sites {cfg.min_sites}")
-    if cfg.dataset in ("fashion-mnist", "digits") and len(cfg.class_names) != 10:
-        raise ConfigError(f"'classes' names {len(cfg.class_names)} classes, but dataset {cfg.dataset!r} has 10; "
-                          "leave 'classes' out (or name all 10)")
+    fixed = BENCHMARK_CLASS_COUNTS.get(cfg.dataset)
+    if fixed is not None and cfg.num_classes != fixed:
+        raise ConfigError(f"'classes' names {cfg.num_classes} classes, but dataset {cfg.dataset!r} has {fixed}; "
+                          f"leave 'classes' out (or name all {fixed})")
     if cfg.enrolment and not Path(cfg.enrolment).is_file():
         raise ConfigError(f"'enrolment' = {cfg.enrolment!r} is not a file; give the federation's enrolment.json")
     run_name = check_run_name(name) if name else str(kebab.get("run-name", "")) or default_run_name(cfg)

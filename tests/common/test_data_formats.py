@@ -12,7 +12,7 @@ from PIL import Image
 
 from client.site_data import load_site_data
 from common.benchmarks import BENCHMARKS, load_benchmark
-from common.config import DATASETS, build_run_config
+from common.config import BENCHMARK_CLASS_COUNTS, DATASETS, build_run_config
 from common.data_formats import Split, UnreadableImageError, check_labels, empty_classes, read_image_file, read_npz
 from common.errors import ConfigError, DataError
 from server.central_eval import load_eval_arrays
@@ -254,6 +254,16 @@ def test_an_unknown_benchmark_lists_the_valid_names(tmp_path):
     with pytest.raises(ConfigError, match="'cifar-10'.*fashion-mnist, digits, npz, image-folder"):
         load_benchmark(cfg, tmp_path)
     assert set(BENCHMARKS) == set(DATASETS)
+
+
+def test_the_fixed_class_counts_that_simulate_checks_are_the_loaded_benchmarks(tmp_path):
+    from common.benchmarks import DEBIAN_FASHION_MNIST
+
+    for name, count in BENCHMARK_CLASS_COUNTS.items():
+        if name == "fashion-mnist" and not DEBIAN_FASHION_MNIST.is_dir():
+            continue  # `make test` installs it; without it the loader would download
+        bench = load_benchmark(build_run_config(dataset=name), tmp_path / "data")
+        assert len(bench.classes) == count == len(set(bench.train_labels.tolist()) | set(bench.test_labels.tolist()))
 
 
 def test_an_npz_whose_header_claims_a_huge_array_is_refused_not_a_memory_error(tmp_path):
