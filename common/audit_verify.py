@@ -114,6 +114,10 @@ class _Verifier:
             self.problem(str(path), "no audit log")
             return self.report
         lines = read_audit_lines(path)
+        if not any(line.strip() for _, _, line in lines):
+            self.problem(AUDIT_FILE, "the log is empty (no records): the run wrote none, or the file was emptied; "
+                                     "there is nothing to verify without the log the run's server wrote")
+            return self.report
         prev: str | None = GENESIS
         kinds: list[tuple[int, str]] = []
         for index, (number, record, line) in enumerate(lines):

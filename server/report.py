@@ -2,8 +2,10 @@
 
 The page is built from the run's signed audit log when it has one (the round
 records as the server signed them, checked by :func:`common.audit_verify.verify_run`
-first), else from ``metrics.jsonl``. Everything is inline: the figures are PNG
-data URIs and a Content-Security-Policy forbids the page any request.
+first), else from ``metrics.jsonl``. A figure the log lacks (its run-start or
+run-end record is missing) is taken from ``summary.json`` and marked unsigned
+where it is shown. Everything is inline: the figures are PNG data URIs and a
+Content-Security-Policy forbids the page any request.
 
 It holds what the log holds and no more: counts, scores, hashes, norms and
 privacy figures. No image, feature or per-example value, and no path: free
@@ -17,6 +19,7 @@ import base64
 import datetime
 import json
 import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,10 +41,11 @@ from server.plots import (
     update_norms_figure,
 )
 
-__all__ = ["RunEvidence", "load_evidence", "render_report", "write_report", "redact_paths", "REPORT_FILE"]
+__all__ = ["RunEvidence", "load_evidence", "render_report", "write_report", "check_report_path", "redact_paths", "REPORT_FILE"]
 
 REPORT_FILE = "report.html"  # in the run folder, unless told otherwise
 _TEMPLATES = Path(__file__).parent / "templates"
+_UNSIGNED = "from summary.json, not signed"  # beside every figure the signed log does not hold
 _PATH = re.compile(r"(?<![\w.:/-])(?:~|[A-Za-z]:)?(?:[/\\][\w.@+-]+){2,}[/\\]?")
 
 
@@ -58,10 +62,17 @@ class RunEvidence:
     records: list[RoundRecord]
     source: str  # "audit log" or "metrics.jsonl"
     run_id: str = ""
-    start: dict[str, Any] = field(default_factory=dict)  # the run-start record's content (empty without a log)
+    start: dict[str, Any] = field(default_factory=dict)  # the run-start record's content (empty without one)
     end: dict[str, Any] = field(default_factory=dict)  # the run-end record's content, else summary.json
     verification: AuditReport | None = None  # None: the run has no audit log
     summary: dict[str, Any] = field(default_factory=dict)  # summary.json, as the run folder holds it
+    end_signed: bool = False  # whether ``end`` is the log's run-end record (else summary.json, unsigned)
+
+    def missing_records(self) -> list[str]:
+        """The log's records whose figures this page takes from summary.json instead (none without a log)."""
+        if self.verification is None:
+            return []
+        return [name for name, present in (("run-start", bool(self.start)), ("run-end", self.end_signed)) if not present]
 
 
 def _json(path: Path) -> dict[str, Any]:
@@ -72,16 +83,23 @@ def _json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def _require_run_folder(run_dir: Path) -> None:
+    """DataError unless ``run_dir`` holds an audit log or ``metrics.jsonl``."""
+    if not ((run_dir / AUDIT_FILE).is_file() or (run_dir / "metrics.jsonl").is_file()):
+        raise DataError(f"{run_dir} is not a run folder (no {AUDIT_FILE} or metrics.jsonl in it)")
+
+
 def load_evidence(run_dir: Path, *, key: str | None = None, site_keys: dict[str, str] | None = None) -> RunEvidence:
     """Verify ``run_dir``'s audit log and read its records; a run without a log falls back to ``metrics.jsonl``.
 
     Raises DataError when the folder holds neither.
     """
     run_dir = Path(run_dir)
+    _require_run_folder(run_dir)
     summary = _json(run_dir / "summary.json")
     if (run_dir / AUDIT_FILE).is_file():
         verification = verify_run(run_dir, key=key, site_keys=site_keys)
-        start, end, records, run_id = {}, {}, [], ""
+        start, end, records, run_id = {}, None, [], ""
         for _, record, _ in read_audit_lines(run_dir / AUDIT_FILE):
             content = record.get("content") if isinstance(record, dict) else None
             if not isinstance(content, dict):
@@ -95,9 +113,8 @@ def load_evidence(run_dir: Path, *, key: str | None = None, site_keys: dict[str,
                     continue  # the verifier has named it
             elif record.get("kind") == "run-end":
                 end = content
-        return RunEvidence(run_dir.name, records, "audit log", run_id, start, {**summary, **end}, verification, summary)
-    if not (run_dir / "metrics.jsonl").is_file():
-        raise DataError(f"{run_dir} is not a run folder (no {AUDIT_FILE} or metrics.jsonl in it)")
+        return RunEvidence(run_dir.name, records, "audit log", run_id, start, summary if end is None else end,
+                           verification, summary, end_signed=end is not None)
     return RunEvidence(run_dir.name, load_round_records(run_dir / "metrics.jsonl"), "metrics.jsonl", end=summary, summary=summary)
 
 
@@ -109,41 +126,45 @@ def _short(sha: Any) -> str:
     return f"{sha[:12]}" if isinstance(sha, str) else "-"
 
 
-def _facts(ev: RunEvidence, summary: dict[str, Any]) -> list[tuple[str, str]]:
-    """The run's facts, one (label, value) per row."""
+def _facts(ev: RunEvidence, summary: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """The run's facts, one (label, value, note) per row; the note says when a value is not from the signed log."""
     start, end = ev.start, ev.end
-    privacy = start.get("privacy") or {}
-    versions = start.get("versions") or (summary.get("versions") or {})
+    first = start or summary  # without a run-start record, its facts come from summary.json
+    from_start = "" if start else _UNSIGNED
+    from_end = "" if ev.end_signed else _UNSIGNED
+    privacy = first.get("privacy") or {}
+    versions = first.get("versions") or {}
     rows = [
-        ("run", ev.name),
-        ("run id", ev.run_id or "-"),
-        ("status", str(end.get("status") or "-")),
-        ("rounds", f"{end.get('rounds_completed', '-')} of {start.get('num_server_rounds') or summary.get('num_server_rounds', '-')} aggregated"),
-        ("strategy", str(start.get("strategy") or summary.get("strategy") or "-")),
-        ("backbone", f"{start.get('backbone') or summary.get('backbone') or '-'} (weights sha256 {_short(start.get('weights_sha256') or summary.get('weights_sha256'))}...)"),
-        ("classes", ", ".join(map(str, start.get("classes") or [])) or "-"),
+        ("run", ev.name, ""),
+        ("run id", ev.run_id or "-", ""),
+        ("status", str(end.get("status") or "-"), from_end),
+        ("rounds", f"{end.get('rounds_completed', '-')} of {first.get('num_server_rounds', '-')} aggregated", from_end or from_start),
+        ("strategy", str(first.get("strategy") or "-"), from_start),
+        ("backbone", f"{first.get('backbone') or '-'} (weights sha256 {_short(first.get('weights_sha256'))}...)", from_start),
+        ("classes", ", ".join(map(str, start.get("classes") or [])) or "-", ""),
     ]
     accuracy = end.get("accuracy")
     if isinstance(accuracy, (int, float)):
-        rows.append(("final accuracy", f"{100 * accuracy:.2f}% on the {summary.get('evaluated_on') or 'evaluation set'}"))
-    dp = privacy.get("dp") or summary.get("dp") or "none"
+        rows.append(("final accuracy", f"{100 * accuracy:.2f}% on the {summary.get('evaluated_on') or 'evaluation set'}", from_end))
+    dp = privacy.get("dp") or first.get("dp") or "none"
     rows.append(("differential privacy", {"none": "none", "sample": "record-level (DP-SGD at each site)",
                                           "central": "client-level (noise at the server)",
-                                          "both": "record-level at the sites and client-level at the server"}.get(dp, dp)))
+                                          "both": "record-level at the sites and client-level at the server"}.get(dp, dp), from_start))
     if end.get("max_epsilon") is not None:
         rows.append(("record-level epsilon", f"largest at a site {end['max_epsilon']:.3f} (target {privacy.get('target_epsilon', '-')}, "
-                                             f"delta {privacy.get('target_delta', '-')})"))
+                                             f"delta {privacy.get('target_delta', '-')})", from_end or from_start))
     central = privacy.get("central") or {}
     if central:
         spent = end.get("client_epsilon")
         rows.append(("client-level DP", f"noise multiplier {central.get('noise_multiplier', 0):.4g}, clip norm {central.get('clip_norm')} "
                                         f"({central.get('clipping')}-side), {central.get('sites_per_round')} sites per round, "
-                                        f"epsilon {spent if spent is None else f'{spent:.3f}'} of {central.get('planned_epsilon', 0):.3f} planned"))
+                                        f"epsilon {spent if spent is None else f'{spent:.3f}'} of {central.get('planned_epsilon', 0):.3f} planned",
+                     from_end or from_start))
     if versions:
-        rows.append(("versions", ", ".join(f"{k} {v}" for k, v in sorted(versions.items()) if v)))
+        rows.append(("versions", ", ".join(f"{k} {v}" for k, v in sorted(versions.items()) if v), from_start))
     if end.get("error"):
-        rows.append(("error", redact_paths(end["error"])))
-    return rows
+        rows.append(("error", redact_paths(end["error"]), from_end))
+    return [(label, value, note if value != "-" else "") for label, value, note in rows]
 
 
 _UNREADABLE = (TypeError, KeyError, AttributeError, ValueError)  # what a hostile record's odd types raise
@@ -279,7 +300,10 @@ def render_report(ev: RunEvidence) -> str:
             "line": redact_paths(verification.summary_line(Path(ev.name))),
             "problems": [redact_paths(p) for p in verification.problems],
         },
-        facts=_safely(lambda: _facts(ev, summary), [("run", ev.name), ("facts", "the run's start or end record cannot be shown; see Verification")]),
+        facts=_safely(lambda: _facts(ev, summary), [("run", ev.name, ""), ("facts", "the run's start or end record cannot be shown; see Verification", "")]),
+        missing_records=ev.missing_records(),
+        end_unsigned=not ev.end_signed,
+        unsigned_note=_UNSIGNED,
         rounds=_round_rows(records),
         figures=[{"id": fid, "caption": caption, "src": _data_uri(fig)} for fid, caption, fig in figures if fig is not None],
         undrawn=[caption for _, caption, fig in figures if fig is None and "not drawn" in caption],
@@ -288,12 +312,39 @@ def render_report(ev: RunEvidence) -> str:
     )
 
 
+def check_report_path(path: Path, *, given: bool) -> None:
+    """DataError naming ``path`` unless its folder exists and can be written: checked before any page is drawn.
+
+    ``given``: whether the user named ``path`` (``--out``), else it is the run folder's default.
+    """
+    folder = path.parent
+    fix = ("give a file in a folder that exists and you can write, e.g. --out report.html" if given
+           else "write the page elsewhere with --out FILE.html")
+    if not folder.is_dir():
+        state = "is not a folder" if folder.exists() or folder.is_symlink() else "does not exist"
+        raise DataError(f"cannot write the report to {path}: {folder} {state}; {fix}")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise DataError(f"cannot write the report to {path}: {folder} cannot be written ({exc.strerror or type(exc).__name__}); {fix}") from None
+
+
 def write_report(run_dir: Path, out: Path | None = None, *, key: str | None = None,
                  site_keys: dict[str, str] | None = None) -> tuple[Path, RunEvidence]:
-    """Write ``run_dir``'s report (default ``run_dir/report.html``); return its path and the evidence it shows."""
+    """Write ``run_dir``'s report (default ``run_dir/report.html``); return its path and the evidence it shows.
+
+    Raises DataError, naming the page's path, when it cannot be written.
+    """
     run_dir = Path(run_dir)
+    path = Path(out) if out is not None else run_dir / REPORT_FILE
+    _require_run_folder(run_dir)
+    check_report_path(path, given=out is not None)
     evidence = load_evidence(run_dir, key=key, site_keys=site_keys)
     html = render_report(evidence)
-    path = out or run_dir / REPORT_FILE
-    write_bytes_atomic(path, html.encode("utf-8"))
+    try:
+        write_bytes_atomic(path, html.encode("utf-8"))
+    except OSError as exc:  # the folder changed while the page was drawn, or the disk is full
+        raise DataError(f"cannot write the report to {path} ({exc.strerror or type(exc).__name__}); "
+                        "check the folder and the free space, then run the command again") from None
     return path, evidence

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -320,6 +321,7 @@ def test_the_report_of_a_verified_run_says_so_and_shows_every_round(signed_run, 
     assert html.count('src="data:image/png;base64,') == 5 and 'id="confusion-table"' in html
     assert "default-src 'none'" in html and "http://" not in html and "https://" not in html
     assert str(tmp_path.parent) not in html and str(run_dir) not in html
+    assert "not signed" not in html  # every figure is the signed log's
 
 
 def test_a_report_of_a_tampered_log_is_written_and_flags_the_record(signed_run, tmp_path):
@@ -341,6 +343,77 @@ def test_a_run_without_a_log_is_reported_from_its_metrics_unsigned(signed_run, t
     assert "nothing on this page is signed" in html and html.count("<tr>") > 4
     missing = CliRunner().invoke(app, ["report", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2 and "is not a run folder" in missing.output
+
+
+def test_a_report_of_a_log_cut_off_before_its_run_end_marks_the_figures_it_takes_from_summary_json(signed_run, tmp_path):
+    run_dir = _copy(signed_run, tmp_path)
+    lines = (run_dir / "audit.jsonl").read_text().splitlines(keepends=True)
+    (run_dir / "audit.jsonl").write_text("".join(lines[:-1]))
+    result, html = _report(run_dir, tmp_path / "report.html")
+    assert result.exit_code == 0 and "1 problem(s) in the audit log" in result.output, result.output
+    banner = html.split('class="verdict bad"', 1)[1].split("</div>", 1)[0]
+    assert "The log has no run-end record:" in banner and "come from the run folder's <code>summary.json</code>, which nobody signed" in banner
+    facts = dict(re.findall(r"<tr><th>([^<]+)</th><td>(.*?)</td></tr>", html.split('id="facts-table"', 1)[1].split("</table>", 1)[0]))
+    unsigned = '<span class="unsigned">(from summary.json, not signed)</span>'
+    for label in ("status", "rounds", "final accuracy", "record-level epsilon", "client-level DP"):
+        assert facts[label].endswith(unsigned), (label, facts[label])
+    assert unsigned not in facts["strategy"] and unsigned not in facts["run id"]  # the run-start record is still there
+    confusion = html.split('id="confusion"', 1)[1].split('id="confusion-table"', 1)[0]
+    assert "This matrix is from summary.json, not signed: the audit log has no run-end record." in confusion
+    assert "where the log lacks its run-end record, from its unsigned summary.json" in html
+
+
+def test_an_empty_log_is_named_empty_by_verify_and_report(signed_run, tmp_path):
+    run_dir = _copy(signed_run, tmp_path)
+    for content in ("", "\n \n\n"):
+        (run_dir / "audit.jsonl").write_text(content)
+        result = CliRunner().invoke(app, ["audit", "verify", str(run_dir)])
+        assert result.exit_code == 1 and not isinstance(result.exception, Exception), result.output
+        assert result.output.splitlines()[0].startswith("fedhead: audit.jsonl: the log is empty (no records)"), result.output
+        assert "record -1" not in result.output and "line 0" not in result.output and "Traceback" not in result.output
+    result, html = _report(run_dir, tmp_path / "report.html")
+    assert result.exit_code == 0 and "1 problem(s) in the audit log" in result.output, result.output
+    assert "<li>audit.jsonl: the log is empty (no records)" in html and "record -1" not in html
+    assert "The log has no run-start record and no run-end record:" in html
+
+
+def _boom(*args, **kwargs):
+    raise AssertionError("the page was drawn before its output path was checked")
+
+
+def test_report_names_an_out_path_it_cannot_write_before_drawing_the_page(signed_run, tmp_path, monkeypatch):
+    import server.report
+
+    run_dir = signed_run[0]
+    (tmp_path / "file.txt").write_text("a file, not a folder")
+    monkeypatch.setattr(server.report, "load_evidence", _boom)
+    for out, why in ((tmp_path / "file.txt" / "out.html", "is not a folder"), (tmp_path / "missing" / "out.html", "does not exist")):
+        result = CliRunner().invoke(app, ["report", str(run_dir), "--out", str(out)])
+        assert result.exit_code == 2 and not isinstance(result.exception, AssertionError), result.output
+        assert result.output.strip() == f"fedhead: cannot write the report to {out}: {out.parent} {why}; " \
+                                         "give a file in a folder that exists and you can write, e.g. --out report.html"
+    assert not (tmp_path / "missing").exists()
+    with monkeypatch.context() as patch:  # a folder this user cannot write (tests run as root, so chmod cannot show it)
+        patch.setattr(server.report.tempfile, "TemporaryFile", lambda **kw: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
+        result = CliRunner().invoke(app, ["report", str(run_dir), "--out", str(tmp_path / "report.html")])
+        default = CliRunner().invoke(app, ["report", str(run_dir)])  # a run folder on a read-only disk
+    assert result.exit_code == 2 and f"cannot write the report to {tmp_path / 'report.html'}: {tmp_path} cannot be written " \
+                                     "(Permission denied)" in result.output, result.output
+    assert default.exit_code == 2 and default.output.strip().endswith("(Permission denied); write the page elsewhere with --out FILE.html")
+
+
+def test_report_names_the_users_path_when_the_write_itself_fails(signed_run, tmp_path, monkeypatch):
+    import server.report
+
+    def refuse(path, data, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / ".report.x1y2.tmp.html"))
+
+    monkeypatch.setattr(server.report, "render_report", lambda ev: "<html></html>")
+    monkeypatch.setattr(server.report, "write_bytes_atomic", refuse)
+    out = tmp_path / "report.html"
+    result = CliRunner().invoke(app, ["report", str(signed_run[0]), "--out", str(out)])
+    assert result.exit_code == 2 and result.output.startswith(f"fedhead: cannot write the report to {out} (Permission denied)"), result.output
+    assert ".tmp" not in result.output and len(result.output.strip().splitlines()) == 1
 
 
 def test_paths_quoted_in_failures_are_redacted():
