@@ -35,6 +35,14 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _HASH_IN_NAME = re.compile(r"-([0-9a-f]{6,64})\.\w+$")
+_CACHE_FILE_MODE = 0o644
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it, so it is set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def hub_checkpoint_dir() -> Path:
@@ -111,7 +119,8 @@ def read_weights_file(path: Path) -> dict:
 def stage_weights_file(source: str | os.PathLike, backbone: str | None = None) -> Path:
     """Copy a weights file into torch's hub cache under its release name, after checking it.
 
-    The backbone is found from the file name when not given. Returns the staged path.
+    The backbone is found from the file name when not given. The staged file's mode is
+    0644 less the umask, as torch's own downloads are. Returns the staged path.
     """
     src = Path(source).expanduser()
     if not src.is_file():
@@ -138,5 +147,6 @@ def stage_weights_file(source: str | os.PathLike, backbone: str | None = None) -
         return dest
     with atomic_path(dest) as tmp:
         shutil.copyfile(src, tmp)
+        os.chmod(tmp, _CACHE_FILE_MODE & ~_umask())  # the temporary file is 0600; torch's own downloads follow the umask
     log.info("staged %s for %s at %s", src.name, spec.name, dest)
     return dest

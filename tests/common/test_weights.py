@@ -87,3 +87,17 @@ def test_stage_into_a_hub_cache_that_cannot_be_written_says_so(tmp_path, monkeyp
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "a-file" / "hub"))
     assert main(["weights", "stage", str(staged_mobilenet)]) == 2
     assert "set TORCH_HOME to a folder this user can write" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_a_staged_file_is_readable_as_the_umask_allows_like_torch_s_own_downloads(tmp_path, monkeypatch, staged_mobilenet, umask, mode):
+    import os
+    import stat
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    before = os.umask(umask)
+    try:
+        dest = stage_weights_file(staged_mobilenet)
+    finally:
+        os.umask(before)
+    assert stat.S_IMODE(dest.stat().st_mode) == mode
