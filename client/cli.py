@@ -43,10 +43,11 @@ def check(
 
     DATA_DIR is an image folder (one sub-folder per class, optionally under train/ and val/), a CSV manifest
     (columns path and label, optionally split: train or val; paths relative to the manifest) or a MedMNIST-style
-    .npz file. Images may be PNG, JPEG and the other formats PIL reads, or DICOM (.dcm, with fedhead[dicom]).
+    .npz file. Images may be PNG, JPEG and the other formats PIL reads, or DICOM (.dcm, or any name holding
+    DICOM's marker; with fedhead[dicom]). Other files in a folder are ignored and named; hidden (.*) ones quietly.
 
-    Warnings (on stderr): a class with no images, a validation split too small to measure (fewer than 10
-    images of a class), images of mixed bit depths or channel counts.
+    Warnings (on stderr): a class with no images, an empty validation split or one too small to measure
+    (fewer than 10 images of a class), images of mixed bit depths or channel counts, files ignored.
 
     Exits 0 when every image was read, 1 when some were skipped as unreadable,
     2 when the data cannot be trained on at all.
@@ -83,20 +84,50 @@ def check(
 def _class_names(data_dir: Path, classes: str) -> tuple[tuple[str, ...], str]:
     """(class names, where they came from); no names: the run's default."""
     from common.data_formats import class_names_of
-    from common.errors import DataError
 
     if classes:
-        return tuple(name.strip() for name in classes.split(",") if name.strip()), "from --classes"
+        return _classes_option(classes), "from --classes"
     names = class_names_of(data_dir)
     if names is None:
         return (), "the run's default, Fashion-MNIST's: an .npz holds indices only; name them with --classes"
+    _check_found_classes(data_dir, names)
+    source = "the manifest's labels" if data_dir.is_file() else "the class folders"
+    return names, f"from {source}, sorted; give the run the same 'classes'"
+
+
+def _classes_option(classes: str) -> tuple[str, ...]:
+    """--classes as names; ConfigError for an empty name, fewer than two names, or a name given twice."""
+    from common.errors import ConfigError
+
+    names = tuple(name.strip() for name in classes.split(","))
+    fix = "give the class names in label order, comma-separated, e.g. --classes normal,pneumonia"
+    if not any(names):
+        raise ConfigError(f"--classes {classes!r} holds no class names; {fix}")
+    if not all(names):
+        raise ConfigError(f"--classes {classes!r} has an empty class name between its commas; {fix}")
+    if len(names) < 2:
+        raise ConfigError(f"--classes {classes!r} names one class; a classifier needs at least 2: {fix}")
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ConfigError(f"--classes {classes!r} names {', '.join(twice)} more than once; {fix}")
+    return names
+
+
+def _check_found_classes(data_dir: Path, names: tuple[str, ...]) -> None:
+    """DataError unless the data holds at least two classes, none of whose names has a comma."""
+    from common.errors import DataError
+
+    manifest = data_dir.is_file()
     if not names:
         raise DataError(f"'{data_dir}' holds no class folders or manifest rows; put each class's images in a folder named after it")
+    if len(names) < 2:
+        found = f"only one label, '{names[0]}'" if manifest else f"only one class folder, '{names[0]}'"
+        fix = ("add rows of the other classes" if manifest
+               else "add a folder of images for each other class beside it (e.g. normal/ and pneumonia/)")
+        raise DataError(f"'{data_dir}' holds {found}; a classifier needs at least 2 classes: {fix}")
     with_comma = [name for name in names if "," in name]
     if with_comma:
         raise DataError(f"class names {with_comma} hold a comma, which run-config 'classes' cannot; rename them")
-    source = "the manifest's labels" if data_dir.is_file() else "the class folders"
-    return names, f"from {source}, sorted; give the run the same 'classes'"
 
 
 def _class_table(site, class_names) -> Table:

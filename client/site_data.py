@@ -13,7 +13,9 @@ real site runs. Supported layouts:
   ``train``/``val``; paths relative to the manifest's folder).
 
 Images may be PNG, JPEG and the other formats PIL reads, or DICOM (with the
-``fedhead[dicom]`` extra). Unreadable images are skipped and reported.
+``fedhead[dicom]`` extra), under any name where they hold DICOM's marker.
+Unreadable images are skipped and reported; other files in a folder are
+ignored and named in a warning (hidden ``.*`` names quietly).
 
 The readers and their checks are :mod:`common.data_formats`'s, shared with the
 server's held-out evaluation and the benchmark loaders.
@@ -33,6 +35,7 @@ from common.data_formats import (
     SkippedFile, Split, check_labels, empty_classes, image_to_uint8, read_manifest, read_npz, read_site_folder,
 )
 from common.errors import DataError
+from common.image_files import describe_ignored
 
 __all__ = ["SiteData", "Split", "SkippedFile", "image_to_uint8", "load_site_data"]
 
@@ -41,7 +44,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SiteData:
-    """One site's train and validation splits, the files skipped as unreadable, and warnings about the data."""
+    """One site's train and validation splits, the files skipped as unreadable, those ignored as not images, and warnings."""
 
     name: str
     source: str
@@ -49,6 +52,7 @@ class SiteData:
     val: Split
     skipped: list[SkippedFile] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
 
     def records_fingerprint(self) -> str:
         """sha256 of the site's images as a set (train and validation alike; labels left out).
@@ -73,52 +77,82 @@ def _take(split: Split, idx: torch.Tensor) -> Split:
     return Split([split.images[i] for i in idx.tolist()], split.labels[idx], kinds)
 
 
+def _val_count(n: int, fraction: float) -> int:
+    """How many of ``n`` images ``fraction`` carves off for validation: none where it would leave no training image."""
+    n_val = int(round(n * fraction))
+    return n_val if 1 <= n_val < n else 0
+
+
 def _split_off_val(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
     n = len(train)
-    n_val = int(round(n * fraction))
-    if n_val == 0 or n - n_val < 1:
+    n_val = _val_count(n, fraction)
+    if n_val == 0:
         return train, _take(train, torch.arange(0))
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return _take(train, order[n_val:]), _take(train, order[:n_val])
 
 
-def _data_warnings(train: Split, val: Split, cfg: RunConfig) -> list[str]:
+def _smallest_splittable(fraction: float) -> int | None:
+    """The fewest images from which ``fraction`` carves a validation split off (None: none up to 10,000)."""
+    return next((n for n in range(2, 10_001) if _val_count(n, fraction)), None)
+
+
+def _empty_validation(train: Split, cfg: RunConfig, carved: bool) -> str:
+    why = "so validation metrics will be NaN"
+    if not carved:
+        return f"the validation split is empty, {why}; add images to it"
+    fewest = _smallest_splittable(cfg.val_fraction)
+    if fewest is not None and len(train) < fewest:
+        return (f"the validation split is empty: val-fraction {cfg.val_fraction} carves one off only from {fewest} images up "
+                f"and this site has {len(train)}, {why}; add images, or a val split of its own")
+    return f"the validation split is empty (val-fraction {cfg.val_fraction}), {why}; add val images or raise val-fraction"
+
+
+def _data_warnings(train: Split, val: Split, cfg: RunConfig, *, carved: bool) -> list[str]:
     notes = []
     missing = empty_classes(train, cfg.class_names)
     if missing:
         notes.append(f"no training images of {len(missing)} of {cfg.num_classes} classes ({', '.join(missing)}); fine for a non-IID site, else check the data")
     if len(val) == 0:
-        notes.append(f"the validation split is empty, so validation metrics will be NaN; add val images or raise val-fraction ({cfg.val_fraction})")
+        notes.append(_empty_validation(train, cfg, carved))
     return notes
 
 
 def load_site_data(path: Path, cfg: RunConfig, *, name: str = "site") -> SiteData:
     """Load and check a site's data; a validation split is carved off if none is given.
 
-    Raises DataError for data that cannot be trained on; skipped files and
-    warnings (classes without examples, an empty validation split) are recorded.
+    Raises DataError for data that cannot be trained on; skipped files, ignored
+    files and warnings (classes without examples, an empty validation split,
+    files that are not images fedhead reads) are recorded.
     """
     path = Path(path)
     skipped: list[SkippedFile] = []
+    ignored: list[Path] = []
     if path.is_file() and path.suffix.lower() == ".npz":
         splits = read_npz(path, prefixes=("train", "val"), required=("train",))
         train, val = splits["train"], splits.get("val")
     elif path.is_file() and path.suffix.lower() == ".csv":
         train, val, skipped = read_manifest(path, cfg.class_names)
     elif path.is_dir():
-        train, val, skipped = read_site_folder(path, cfg.class_names)
+        train, val, skipped, ignored = read_site_folder(path, cfg.class_names)
     else:
         raise DataError(f"'{path}' is neither a .npz file, a .csv manifest nor an image folder; point data-dir at one")
     if len(train) == 0:
-        reason = f" ({len(skipped)} image files were skipped as unreadable)" if skipped else ""
-        raise DataError(f"{path} holds no training images{reason}; a site needs at least one to train")
-    if val is None:
+        raise DataError(f"{path} holds no training images{_why_none(skipped, ignored)}; a site needs at least one to train")
+    carved = val is None
+    if carved:
         train, val = _split_off_val(train, cfg.val_fraction, cfg.seed)
     check_labels(train, cfg.num_classes, f"{path}: train")
     check_labels(val, cfg.num_classes, f"{path}: val")
-    notes = _data_warnings(train, val, cfg)
+    notes = _data_warnings(train, val, cfg, carved=carved) + ([describe_ignored(ignored)] if ignored else [])
     for note in notes:
         log.warning("%s: %s", path, note)
     if skipped:
         log.warning("%s: skipped %d unreadable image files (listed above)", path, len(skipped))
-    return SiteData(name=name, source=str(path), train=train, val=val, skipped=skipped, warnings=notes)
+    return SiteData(name=name, source=str(path), train=train, val=val, skipped=skipped, warnings=notes, ignored=[str(p) for p in ignored])
+
+
+def _why_none(skipped: list[SkippedFile], ignored: list[Path]) -> str:
+    reasons = [f"{len(skipped)} image files were skipped as unreadable"] if skipped else []
+    reasons += [describe_ignored(ignored)] if ignored else []
+    return f" ({'; '.join(reasons)})" if reasons else ""

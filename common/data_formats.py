@@ -5,6 +5,8 @@ that cannot be decoded safely (not an image, truncated, corrupt, a
 decompression bomb, a DICOM file fedhead does not read) raises
 UnreadableImageError; folder and manifest readers skip it and return a
 SkippedFile with the reason. DICOM files are read by :mod:`common.dicom`.
+Folder readers also return the files that are not images fedhead reads
+(:mod:`common.image_files`), for the caller to name.
 
 A CSV manifest (``.csv``, UTF-8) has a header row naming a ``path`` and a
 ``label`` column, and optionally a ``split`` column (``train`` or ``val``);
@@ -34,6 +36,7 @@ from PIL import Image, UnidentifiedImageError
 
 from common.dicom import DICOM_SUFFIXES, looks_like_dicom, read_dicom
 from common.errors import DataError, UnreadableImageError
+from common.image_files import IMAGE_SUFFIXES, describe_ignored, is_image_file, list_image_files
 
 __all__ = [
     "IMAGE_SUFFIXES", "MANIFEST_SPLITS", "ImageKind", "Split", "SkippedFile", "UnreadableImageError",
@@ -43,7 +46,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}) | DICOM_SUFFIXES
 MANIFEST_SPLITS = ("train", "val")
 _LAYOUT = "expected the MedMNIST layout: '<split>_images' (uint8) and '<split>_labels' (one class index per image)"
 _NPZ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
@@ -231,10 +233,11 @@ def _read_pil_file(path: str | Path) -> tuple[np.ndarray, ImageKind]:
 _PIL_BITS = {"1": 1, "I;16": 16, "I;16B": 16, "I;16L": 16, "I;16N": 16, "I": 32, "F": 32}
 
 
-def read_image_folder(root: str | Path, class_names: Sequence[str]) -> tuple[Split, list[SkippedFile]]:
-    """Images under ``root/<class>/`` (any depth), labelled by the class's index in ``class_names``.
+def read_image_folder(root: str | Path, class_names: Sequence[str]) -> tuple[Split, list[SkippedFile], list[Path]]:
+    """(images, skipped, ignored) under ``root/<class>/`` (any depth), labelled by the class's index in ``class_names``.
 
-    Unreadable image files are skipped and returned with reasons; other files and hidden (``.*``) names are ignored.
+    Unreadable image files are skipped, with reasons; files that are not images fedhead reads
+    (:mod:`common.image_files`) are returned as ignored; hidden (``.*``) names are left out.
     """
     root = Path(root)
     if not root.is_dir():
@@ -248,14 +251,15 @@ def read_image_folder(root: str | Path, class_names: Sequence[str]) -> tuple[Spl
             f"'{root}' has class folders {unknown} that are not among the run's classes "
             f"({', '.join(class_names)}); rename them or set run-config 'classes'"
         )
-    outside = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    loose = [p for p in entries if p.is_file()]
+    outside = [p for p in loose if is_image_file(p)]
+    ignored = [p for p in loose if p not in outside]
     skipped = [SkippedFile(str(p), "image outside any class folder; move it into its class's folder") for p in outside]
     images, labels, kinds = [], [], []
     for folder in folders:
-        for file in sorted(folder.rglob("*")):
-            hidden = any(part.startswith(".") for part in file.relative_to(folder).parts)
-            if file.suffix.lower() not in IMAGE_SUFFIXES or hidden or not file.is_file():
-                continue
+        files, more = list_image_files(folder)
+        ignored += more
+        for file in files:
             try:
                 image, kind = read_image(file)
             except UnreadableImageError as exc:
@@ -266,18 +270,18 @@ def read_image_folder(root: str | Path, class_names: Sequence[str]) -> tuple[Spl
             labels.append(index[folder.name])
     for item in skipped:
         log.warning("skipping %s: %s", item.path, item.reason)
-    return Split(images, torch.tensor(labels, dtype=torch.int64), kinds), skipped
+    return Split(images, torch.tensor(labels, dtype=torch.int64), kinds), skipped, ignored
 
 
-def read_site_folder(root: str | Path, class_names: Sequence[str]) -> tuple[Split, Split | None, list[SkippedFile]]:
-    """(train, val or None, skipped) of a site's folder: class folders in ``root``, or in ``train/`` and optional ``val/``."""
+def read_site_folder(root: str | Path, class_names: Sequence[str]) -> tuple[Split, Split | None, list[SkippedFile], list[Path]]:
+    """(train, val or None, skipped, ignored) of a site's folder: class folders in ``root``, or in ``train/`` and optional ``val/``."""
     root = Path(root)
     flat = not (root / "train").is_dir() or "train" in class_names
-    train, skipped = read_image_folder(root if flat else root / "train", class_names)
+    train, skipped, ignored = read_image_folder(root if flat else root / "train", class_names)
     if flat or not (root / "val").is_dir():
-        return train, None, skipped
-    val, more = read_image_folder(root / "val", class_names)
-    return train, val, skipped + more
+        return train, None, skipped, ignored
+    val, more, more_ignored = read_image_folder(root / "val", class_names)
+    return train, val, skipped + more, ignored + more_ignored
 
 
 @dataclass(frozen=True)
@@ -399,8 +403,10 @@ def read_benchmark_folder(root: str | Path) -> tuple[Split, Split, tuple[str, ..
     classes = tuple(sorted(p.name for p in (root / "train").iterdir() if p.is_dir() and not p.name.startswith(".")))
     if not classes:
         raise DataError(f"'{root / 'train'}' has no class sub-folders; put each class's images in train/<class>/")
-    train, skipped = read_image_folder(root / "train", classes)
-    test, more = read_image_folder(root / "test", classes)
+    train, skipped, ignored = read_image_folder(root / "train", classes)
+    test, more, more_ignored = read_image_folder(root / "test", classes)
+    if ignored or more_ignored:
+        log.warning("%s: %s", root, describe_ignored(ignored + more_ignored))
     return train, test, classes, skipped + more
 
 

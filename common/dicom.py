@@ -18,12 +18,15 @@ Each step is pydicom's own function; fedhead only chooses and checks:
 - MONOCHROME1 is inverted, so that higher is brighter as in MONOCHROME2.
 
 pydicom is imported when a DICOM file is read; without it, every DICOM file is
-unreadable with the reason "install fedhead[dicom]".
+unreadable with the reason "install fedhead[dicom]". The warnings pydicom gives
+while reading a file (a value too long for its VR, say) are logged at WARNING,
+naming the file, instead of reaching stderr as Python warnings.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,12 +77,22 @@ def looks_like_dicom(path: str | Path) -> bool:
 
 def read_dicom(path: str | Path) -> DicomImage:
     """One single-frame monochrome DICOM image as 8-bit grey; UnreadableImageError says why one cannot be read."""
-    try:
-        return _read_dicom(path)
-    except UnreadableImageError:
-        raise
-    except Exception as exc:  # a damaged file makes pydicom raise many types (struct.error, BytesLengthException, ValueError)
-        raise UnreadableImageError(path, f"truncated or malformed DICOM file: {_first_line(exc)}") from exc
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            return _read_dicom(path)
+        except UnreadableImageError:
+            raise
+        except Exception as exc:  # a damaged file makes pydicom raise many types (struct.error, BytesLengthException, ValueError)
+            raise UnreadableImageError(path, f"truncated or malformed DICOM file: {_first_line(exc)}") from exc
+        finally:
+            _log_warnings(path, caught)
+
+
+def _log_warnings(path: str | Path, caught: list[warnings.WarningMessage]) -> None:
+    """Each distinct warning given while reading ``path``, once, at WARNING (pydicom's own level for them)."""
+    for message in dict.fromkeys(_first_line(w.message) for w in caught):
+        log.warning("%s: pydicom: %s", path, message)
 
 
 def _read_dicom(path: str | Path) -> DicomImage:

@@ -95,3 +95,56 @@ def test_a_manifest_with_an_unknown_label_is_refused_naming_the_row(tmp_path, ca
 def test_a_delta_outside_0_1_is_refused_as_bad_input(tmp_path, capsys, monkeypatch, delta):
     code, _, problems = _check(capsys, monkeypatch, tmp_path, "--delta", delta)
     assert code == 2 and problems == [f"--delta {float(delta)}: must be in (0, 1), e.g. --delta 1e-5"]
+
+
+def test_a_folder_with_one_class_is_refused_naming_the_data_not_a_run_config(tmp_path, capsys, monkeypatch):
+    (tmp_path / "pneumonia").mkdir()
+    for i in range(3):
+        Image.new("L", (8, 8), i).save(tmp_path / "pneumonia" / f"{i}.png")
+    code, _, problems = _check(capsys, monkeypatch, tmp_path)
+    assert code == 2 and problems == [
+        f"'{tmp_path}' holds only one class folder, 'pneumonia'; a classifier needs at least 2 classes: "
+        "add a folder of images for each other class beside it (e.g. normal/ and pneumonia/)"
+    ]
+
+
+@pytest.mark.parametrize(("classes", "says"), [
+    (",", "holds no class names"),
+    (" , ", "holds no class names"),
+    ("normal,,pneumonia", "has an empty class name between its commas"),
+    ("normal", "names one class; a classifier needs at least 2"),
+    ("normal,normal", "names normal more than once"),
+])
+def test_classes_that_are_not_two_or_more_names_are_refused_as_bad_input(tmp_path, capsys, monkeypatch, classes, says):
+    code, out, problems = _check(capsys, monkeypatch, tmp_path, "--classes", classes)
+    assert code == 2 and out == "" and len(problems) == 1
+    assert problems[0].startswith(f"--classes {classes!r} {says}")
+    assert problems[0].endswith("give the class names in label order, comma-separated, e.g. --classes normal,pneumonia")
+
+
+def test_files_that_are_not_images_are_named_and_hidden_ones_left_out(tmp_path, digits, capsys, monkeypatch):
+    images, labels = digits
+    for i in range(20):
+        folder = tmp_path / ("odd" if labels[i] % 2 else "even")
+        folder.mkdir(exist_ok=True)
+        Image.fromarray(images[i]).save(folder / f"{i}.png")
+    for name in ("even/chest.jp2", "odd/report.xyz", "odd/.DS_Store", "README"):
+        (tmp_path / name).write_bytes(b"\x00" * 200)
+    code, out, problems = _check(capsys, monkeypatch, tmp_path)
+    assert code == 0 and "18 training and 2 validation images" in out
+    ignored = [line for line in problems if "ignored" in line]
+    assert ignored == [
+        f"warning: ignored 3 files that are not images fedhead reads: {tmp_path / 'README'}, {tmp_path / 'even' / 'chest.jp2'}, "
+        f"{tmp_path / 'odd' / 'report.xyz'}; fedhead reads .bmp, .dcm, .gif, .jpeg, .jpg, .png, .tif, .tiff, .webp and "
+        "DICOM files of any name: convert the images among them to one of those, or move them out of the folder"
+    ]
+
+
+@pytest.mark.parametrize("count", [1, 5])
+def test_an_npz_too_small_to_split_warns_that_its_validation_split_is_empty(tmp_path, digits, capsys, monkeypatch, count):
+    images, labels = digits
+    np.savez(tmp_path / "tiny.npz", train_images=images[:count], train_labels=labels[:count])
+    code, out, problems = _check(capsys, monkeypatch, tmp_path / "tiny.npz")
+    assert code == 0 and f"{count} training and 0 validation images" in out
+    assert (f"warning: the validation split is empty: val-fraction 0.1 carves one off only from 6 images up and this site has "
+            f"{count}, so validation metrics will be NaN; add images, or a val split of its own") in problems

@@ -157,7 +157,7 @@ def test_refused_and_non_dicom_files_are_skipped_and_counted_by_the_folder_reade
     write_dicom(tmp_path / "a" / "good.dcm", _ramp(4095), bits_stored=12)
     write_dicom(tmp_path / "a" / "cine.dcm", np.stack([_ramp(4095)] * 2), bits_stored=12)
     (tmp_path / "a" / "notes.dcm").write_bytes(b"\x00" * 300)
-    split, skipped = read_image_folder(tmp_path, ["a"])
+    split, skipped, _ = read_image_folder(tmp_path, ["a"])
     assert len(split) == 1 and split.kinds[0].format == "DICOM"
     reasons = {s.path.rsplit("/", 1)[-1]: s.reason for s in skipped}
     assert set(reasons) == {"cine.dcm", "notes.dcm"}
@@ -168,6 +168,37 @@ def test_a_dicom_file_without_the_dcm_suffix_is_read_as_dicom(tmp_path):
     path = write_dicom(tmp_path / "IM0001.dcm", _ramp(4095), bits_stored=12)
     renamed = path.rename(tmp_path / "IM0001")
     assert np.array_equal(_read(renamed), _read(write_dicom(tmp_path / "again.dcm", _ramp(4095), bits_stored=12)))
+
+
+def test_a_folder_reads_dicom_files_of_any_name_and_names_the_files_it_ignores(tmp_path):
+    folder = tmp_path / "a"
+    folder.mkdir()
+    for name in ("IM0001", "1.2.840.113619.2.55.3.604688119.868"):  # no extension, a UID for a name
+        write_dicom(tmp_path / "x.dcm", _ramp(4095), bits_stored=12).rename(folder / name)
+    write_dicom(tmp_path / "x.dcm", _ramp(4095), bits_stored=12).rename(folder / "DICOMDIR")  # a disc's index, not an image
+    for name in ("scan.jp2", "notes", ".DS_Store"):
+        (folder / name).write_bytes(b"\x00" * 300)
+    split, skipped, ignored = read_image_folder(tmp_path, ["a"])
+    assert len(split) == 2 and {k.format for k in split.kinds} == {"DICOM"} and skipped == []
+    assert [p.name for p in ignored] == ["DICOMDIR", "notes", "scan.jp2"]  # hidden names left out
+
+
+def test_pydicom_s_warnings_are_logged_naming_the_file_not_raised(tmp_path, caplog, monkeypatch):
+    import logging
+    import warnings
+
+    path = write_dicom(tmp_path / "padded.dcm", _ramp(4095), bits_stored=12)
+    ds = pydicom.dcmread(path)
+    ds.PixelData += b"\x00" * 4  # pydicom warns of the excess padding, and reads the image
+    ds.save_as(path)
+    monkeypatch.setattr(logging.getLogger("common"), "propagate", True)  # the CLI's logging set-up may have stopped it
+    with warnings.catch_warnings(), caplog.at_level(logging.WARNING, logger="common.dicom"):
+        warnings.simplefilter("error")  # a warning that escaped the reader would raise here
+        image = _read(path)
+    assert np.array_equal(image, _read(write_dicom(tmp_path / "plain.dcm", _ramp(4095), bits_stored=12)))
+    logged = [r for r in caplog.records if r.name == "common.dicom"]
+    assert [r.levelno for r in logged] == [logging.WARNING]
+    assert logged[0].getMessage().startswith(f"{path}: pydicom: The pixel data is 516 bytes long, which indicates it contains 4 bytes of excess padding")
 
 
 def test_without_pydicom_a_dicom_file_is_unreadable_with_the_extra_to_install(tmp_path):
@@ -187,7 +218,7 @@ def test_a_generated_dicom_site_reads_back_to_its_eight_bit_images(tmp_path, dig
     images, labels = digits
     images, labels = images[:40], labels[:40] % 2
     write_dicom_site(tmp_path, images, labels, ["even", "odd"])
-    split, skipped = read_image_folder(tmp_path, ["even", "odd"])
+    split, skipped, _ = read_image_folder(tmp_path, ["even", "odd"])
     assert skipped == [] and len(split) == 40
     read = {}
     for path in sorted(tmp_path.rglob("*.dcm")):
@@ -214,6 +245,6 @@ def test_a_truncated_or_damaged_dicom_file_is_skipped_with_a_reason_at_any_cut(t
     cuts = sorted({132, 143, 153, 155, 300, 596, 599, len(data) // 2, len(data) - 10})
     for cut in cuts:
         (folder / f"cut-{cut}.dcm").write_bytes(data[:cut])
-    split, skipped = read_image_folder(tmp_path / "site", ["a"])
+    split, skipped, _ = read_image_folder(tmp_path / "site", ["a"])
     assert len(split) + len(skipped) == len(cuts) and len(skipped) >= len(cuts) - 1
     assert all(s.reason for s in skipped)
