@@ -215,16 +215,28 @@ def predict(
     top_k: Annotated[int, typer.Option(min=1, help="How many classes to list per image.")] = 3,
     engine: Annotated[str, typer.Option(help="onnx (onnxruntime), torch (model.pt2) or auto: onnx where onnxruntime is installed.")] = "auto",
 ) -> None:
-    """Classify images with a run's exported model, prepared only as its manifest says; write one CSV row per image."""
+    """Classify images with a run's exported model, prepared only as its manifest says; write one CSV row per image.
+
+    A folder's image files are read at any depth: PNG, JPEG and the other formats PIL reads, and DICOM
+    (.dcm, or any name holding DICOM's marker). Its other files are ignored and named on stderr; hidden
+    (.*) ones quietly. An image that cannot be read gets a row saying why, and a line on stderr.
+
+    Exits 0 when every image was classified, 1 when some could not be read (the other rows are written),
+    2 when none could or on bad input (no model, no image files, an --out that would overwrite an input).
+    """
     from common.errors import FedHeadError
-    from server.predict import check_out_path, image_paths, load_predictor, write_predictions
+    from common.image_files import describe_ignored
+    from server.predict import check_out_path, find_images, load_predictor, write_predictions
     from server.predict import predict as run_predict
 
     try:
         predictor = load_predictor(run_dir, engine)
-        paths = image_paths(images)
+        paths, ignored = find_images(images)
         if not paths:
-            raise FedHeadError(f"no image files under {', '.join(str(i) for i in images)}")
+            raise FedHeadError(f"no image files under {', '.join(str(i) for i in images)}"
+                               + (f" ({describe_ignored(ignored)})" if ignored else ""))
+        if ignored:
+            report_problem(f"warning: {describe_ignored(ignored)}")
         check_out_path(out, paths, predictor.model_dir)
         predictions = run_predict(predictor, paths, top_k=top_k)
         write_predictions(predictions, out)
@@ -240,5 +252,7 @@ def predict(
         f"(model.{'onnx' if predictor.engine == 'onnx' else 'pt2'}), {len(failed):,} unreadable; written to {out}",
         soft_wrap=True,
     )
-    if len(failed) == len(predictions):
-        raise typer.Exit(ExitCode.BAD_INPUT)
+    if failed:
+        report_problem(f"{len(failed):,} of {len(predictions):,} images could not be read (listed above; their rows in {out} "
+                       "say why): replace or remove them and run predict again")
+        raise typer.Exit(ExitCode.BAD_INPUT if len(failed) == len(predictions) else ExitCode.FAILED)

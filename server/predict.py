@@ -8,10 +8,11 @@ it is installed, else through ``model.pt2`` with plain torch.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,12 +21,16 @@ import torch
 from torchvision.transforms import v2
 
 from common.config import is_plain_name
-from common.data_formats import IMAGE_SUFFIXES, UnreadableImageError, read_image_file
+from common.data_formats import UnreadableImageError, read_image_file
 from common.errors import ConfigError, DataError
 from common.files import atomic_path
+from common.image_files import list_image_files
 from common.progress import ProgressReporter
 
-__all__ = ["ENGINES", "Prediction", "Predictor", "load_predictor", "check_out_path", "image_paths", "predict", "write_predictions"]
+__all__ = [
+    "ENGINES", "Prediction", "Predictor", "load_predictor", "check_out_path", "find_images", "image_paths", "predict",
+    "write_predictions",
+]
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +61,8 @@ class Predictor:
 
                 self._session = onnxruntime.InferenceSession(str(model_dir / name), providers=["CPUExecutionProvider"])
             else:
-                self._module = torch.export.load(str(model_dir / name)).module()
+                with _held_logs("torch.export"):  # it logs a traceback at WARNING before it raises
+                    self._module = torch.export.load(str(model_dir / name)).module()
         except Exception as exc:  # onnxruntime and torch.export raise many types for a damaged file
             other = "torch" if engine == "onnx" else "onnx"
             hint = f"try --engine {other}" if engine == "onnx" or manifest["files"].get("onnx") else "re-export the run"
@@ -88,6 +94,31 @@ class Predictor:
             return torch.from_numpy(self._session.run(None, {self.manifest["input"]["name"]: inputs.numpy()})[0])
         with torch.no_grad():
             return self._module(inputs)
+
+
+class _Hold(logging.Filter):
+    """Keeps a logger's records instead of letting them through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.records.append(record)
+        return False
+
+
+@contextlib.contextmanager
+def _held_logs(name: str) -> Iterator[None]:
+    """Hold back logger ``name``'s records for the block, then pass them to fedhead's log at DEBUG."""
+    logger, hold = logging.getLogger(name), _Hold()
+    logger.addFilter(hold)
+    try:
+        yield
+    finally:
+        logger.removeFilter(hold)
+        for record in hold.records:
+            log.debug("%s: %s", name, record.getMessage(), exc_info=record.exc_info)
 
 
 def _input_and_classes(manifest: dict[str, Any], path: Path) -> tuple[tuple[int, int], v2.InterpolationMode, bool, list[str]]:
@@ -179,17 +210,26 @@ def check_out_path(out: Path, images: list[Path], model_dir: Path) -> None:
         raise DataError(f"--out {out} is one of the images to classify; write the CSV elsewhere")
 
 
-def image_paths(targets: Iterable[Path]) -> list[Path]:
-    """The image files named, and those under any folder named (recursively, sorted)."""
+def find_images(targets: Iterable[Path]) -> tuple[list[Path], list[Path]]:
+    """(images, ignored): each file named, and under each folder named (recursively, sorted) the image files;
+    the folders' other files are ignored (:mod:`common.image_files`), hidden ones quietly."""
     paths: list[Path] = []
+    ignored: list[Path] = []
     for target in targets:
         if target.is_dir():
-            paths += sorted(p for p in target.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            images, others = list_image_files(target)
+            paths += images
+            ignored += others
         elif target.is_file():
             paths.append(target)
         else:
             raise DataError(f"'{target}' is neither an image file nor a folder; check the path")
-    return paths
+    return paths, ignored
+
+
+def image_paths(targets: Iterable[Path]) -> list[Path]:
+    """:func:`find_images`' image files."""
+    return find_images(targets)[0]
 
 
 def predict(predictor: Predictor, paths: list[Path], *, top_k: int = 3, batch_size: int = 64) -> list[Prediction]:
