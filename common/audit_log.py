@@ -79,9 +79,18 @@ class AuditWriter:
 
 
 def read_audit_lines(path: Path) -> list[tuple[int, dict[str, Any] | None, str]]:
-    """Every line of an audit log as (line number, record or None if not a JSON object, raw text)."""
+    """Every line of an audit log as (line number, record or None if not a JSON object, raw text).
+
+    Lines end at ``\n`` only: a ``\r`` stays in its line's text, where it
+    differs from the record's canonical form, and a last line without its
+    ``\n`` is returned as read; a verifier names both.
+    """
     out: list[tuple[int, dict[str, Any] | None, str]] = []
-    for number, raw in enumerate(Path(path).read_bytes().splitlines(), 1):
+    data = Path(path).read_bytes()
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()  # the final newline ends the last record; it starts no line
+    for number, raw in enumerate(lines, 1):
         line = raw.decode("utf-8", "replace")
         try:
             value = json.loads(raw.decode("utf-8"))

@@ -118,6 +118,8 @@ class _Verifier:
             self.problem(AUDIT_FILE, "the log is empty (no records): the run wrote none, or the file was emptied; "
                                      "there is nothing to verify without the log the run's server wrote")
             return self.report
+        if not path.read_bytes().endswith(b"\n"):
+            self.problem(f"record {len(lines) - 1} (line {len(lines)})", "the last line has no newline: the log was cut off mid-write, or edited")
         prev: str | None = GENESIS
         kinds: list[tuple[int, str]] = []
         for index, (number, record, line) in enumerate(lines):

@@ -252,6 +252,26 @@ def test_any_flipped_byte_is_caught(signed_run, tmp_path):
         assert not report.ok, f"a changed byte at {position} went unnoticed"
 
 
+@pytest.mark.parametrize(
+    ("change", "record"),
+    [
+        pytest.param(lambda b: b.replace(b"\n", b"\r\n"), 0, id="crlf-endings"),
+        pytest.param(lambda b: b.replace(b"\n", b"\r", 2).replace(b"\r", b"\n", 1), 1, id="one-cr-for-a-newline"),
+        pytest.param(lambda b: b[:-1], -1, id="last-newline-removed"),
+    ],
+)
+def test_changed_line_endings_are_caught_at_the_record(signed_run, tmp_path, change, record):
+    run_dir = _copy(signed_run, tmp_path)
+    path = run_dir / "audit.jsonl"
+    original = path.read_bytes()
+    count = original.count(b"\n")
+    path.write_bytes(change(original))
+    report = verify_run(run_dir, key=signed_run[1])
+    index = record % count
+    assert not report.ok
+    assert any(p.startswith(f"record {index} (line {index + 1})") for p in report.problems), report.problems
+
+
 def _round_of(records, k=1):
     return next(r for r in records if r["kind"] == "round" and r["content"]["record"]["round"] == k)
 
