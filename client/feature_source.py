@@ -102,7 +102,7 @@ class LiveFeatures(FeatureSource):
                 batch[views > 0] = augmented[views > 0]
             else:
                 batch = [a if m else b for a, b, m in zip(augmented, batch, mask)]
-        self.forwards += len(index)
+        self.forwards += len(index) * self.model.trunk_passes
         features = extract_features(self.model.trunk, self.model.preprocessing, batch, extraction=self.extraction)
         return features.to(self.device)
 
@@ -149,6 +149,6 @@ def build_feature_source(
 
         lookup = cache.get_or_compute(parts, len(split), compute)
         views.append(lookup.features)
-        forwards += lookup.forwards
+        forwards += lookup.forwards * model.trunk_passes
         hits += int(lookup.hit)
     return CachedFeatures(views, forwards=forwards, hits=hits, device=device)

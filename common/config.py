@@ -18,7 +18,7 @@ from typing import Any
 
 from common.errors import ConfigError
 
-__all__ = ["is_plain_name", "RunConfig", "STRATEGIES", "HEADS", "PARTITIONERS", "OPTIMIZERS", "DATASETS", "BENCHMARK_CLASS_COUNTS", "DP_MODES", "ACCOUNTANTS", "CENTRAL_CLIPPING",
+__all__ = ["is_plain_name", "RunConfig", "STRATEGIES", "HEADS", "PARTITIONERS", "OPTIMIZERS", "DATASETS", "BENCHMARK_CLASS_COUNTS", "FEATURE_VIEWS", "DP_MODES", "ACCOUNTANTS", "CENTRAL_CLIPPING",
            "build_run_config"]
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
@@ -29,6 +29,7 @@ MAX_ROUNDS = 100_000  # Flower keeps the round number in a 64-bit field; no run 
 DATASETS = ("fashion-mnist", "digits", "npz", "image-folder")
 # datasets whose classes are fixed (common.benchmarks loads them); npz and image folders name their own
 BENCHMARK_CLASS_COUNTS: Mapping[str, int] = MappingProxyType({"fashion-mnist": 10, "digits": 10})
+FEATURE_VIEWS = ("one", "mirror", "mirror-shift")  # defined in common.view_average
 DP_MODES = ("none", "sample", "central", "both")
 ACCOUNTANTS = ("rdp", "prv", "gdp")
 CENTRAL_CLIPPING = ("server", "client")
@@ -82,6 +83,7 @@ class RunConfig:
     label_smoothing: float = 0.0
     early_stopping_patience: int = 0
     augment_views: int = 0
+    feature_views: str = "one"
     cache_features: bool = True
     # data (simulation)
     dataset: str = "fashion-mnist"
@@ -232,6 +234,10 @@ def _problems(cfg: RunConfig) -> list[str]:
     need(0.0 <= cfg.label_smoothing < 1.0, f"'label-smoothing' = {cfg.label_smoothing}: must be in [0, 1)")
     need(cfg.early_stopping_patience >= 0, f"'early-stopping-patience' = {cfg.early_stopping_patience}: must be >= 0 (0 turns it off)")
     need(0 <= cfg.augment_views <= 16, f"'augment-views' = {cfg.augment_views}: must be in [0, 16]")
+    need(cfg.feature_views in FEATURE_VIEWS, f"'feature-views' = {cfg.feature_views!r}: choose one of {', '.join(FEATURE_VIEWS)}")
+    need(cfg.feature_views == "one" or cfg.unfreeze_blocks == 0,
+         f"'feature-views' = {cfg.feature_views!r} averages the trunk's pooled features, so it needs 'unfreeze-blocks' = 0 "
+         f"(it is {cfg.unfreeze_blocks}); use feature-views='one' to train open stages")
     need(cfg.dataset in DATASETS, f"'dataset' = {cfg.dataset!r}: choose one of {', '.join(DATASETS)}")
     need(cfg.partitioner in PARTITIONERS, f"'partitioner' = {cfg.partitioner!r}: choose one of {', '.join(PARTITIONERS)}")
     need(cfg.dirichlet_alpha > 0, f"'dirichlet-alpha' = {cfg.dirichlet_alpha}: must be > 0")

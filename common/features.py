@@ -49,8 +49,9 @@ def extract_features(
 ) -> torch.Tensor:
     """Trunk outputs for ``images`` (uint8, one batch tensor or a list of single images), as float32 on the CPU.
 
-    Each image passes through the trunk exactly once; the caller counts
-    ``len(images)`` forward passes. The trunk must already be on
+    Each image passes through the trunk once (once per view when the trunk
+    averages views); the caller counts ``len(images)`` times the model's
+    ``trunk_passes``. The trunk must already be on
     ``extraction.device``. On the CPU, batches of 64 in channels-last layout
     (the trunk is put in that layout when built) were measured fastest: about
     3x batches of 256 in the default layout. On a GPU batches are 256; in

@@ -26,6 +26,7 @@ from common.errors import ConfigError
 from common.hashing import sha256_arrays
 from common.heads import build_head, describe_head
 from common.preprocessing import Preprocessing, build_preprocessing
+from common.view_average import VIEW_SETS, ViewAveragedTrunk, shift_pixels
 from common.weights import read_weights_file, verified_weights_file
 
 __all__ = ["SplitModel", "TrainablePart", "build_split_model", "module_bytes", "trainable_parameters"]
@@ -66,6 +67,7 @@ class SplitModel:
         cut: int,
         head_layout: dict,
         build_trunk: Callable[[], tuple[nn.Module, int]],
+        feature_views: str = "one",
     ) -> None:
         self.spec = spec
         self.trainable = trainable
@@ -74,6 +76,8 @@ class SplitModel:
         self.cut = cut
         self.num_stages = spec.num_stages
         self.head_layout = head_layout
+        self.feature_views = feature_views
+        self.trunk_passes = len(VIEW_SETS[feature_views])
         self._build_trunk = build_trunk
         self._trunk: nn.Module | None = None
         self._trunk_bytes = 0
@@ -110,8 +114,9 @@ class SplitModel:
 
     @property
     def cut_id(self) -> str:
-        """Names the cache point: which stage's output the trunk produces."""
-        return f"{self.spec.name}:stage{self.cut}of{self.num_stages}"
+        """Names the cache point: which stage's output the trunk produces (and over which views, if not one)."""
+        cut = f"{self.spec.name}:stage{self.cut}of{self.num_stages}"
+        return cut if self.feature_views == "one" else f"{cut}:views={self.feature_views}"
 
     def full_model(self) -> nn.Module:
         """Trunk and trainable part as one module, for export and centralised use."""
@@ -228,5 +233,14 @@ def build_split_model(cfg: RunConfig, *, head_seed: int | None = None) -> SplitM
         weights_sha256=weights_sha256,
         cut=cut,
         head_layout=describe_head(cfg.head, spec.feature_dim, cfg.num_classes, hidden=cfg.head_hidden),
-        build_trunk=lambda: _frozen_trunk((stages or build_stages()[1])[:cut]),
+        build_trunk=lambda: _averaged(_frozen_trunk((stages or build_stages()[1])[:cut]), cfg.feature_views, cfg.image_size),
+        feature_views=cfg.feature_views,
     )
+
+
+def _averaged(built: tuple[nn.Module, int], feature_views: str, image_size: int) -> tuple[nn.Module, int]:
+    """The trunk as is for one view, else wrapped to average its features over the named views."""
+    trunk, trunk_bytes = built
+    if feature_views == "one":
+        return trunk, trunk_bytes
+    return ViewAveragedTrunk(trunk, VIEW_SETS[feature_views], shift_pixels(image_size)).eval(), trunk_bytes

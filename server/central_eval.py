@@ -46,7 +46,7 @@ class CentralEvaluator:
         log.info("server: computing backbone features for %d held-out images", len(images))
         self.features = extract_features(model.trunk, model.preprocessing, images, description="held-out set")
         self.sample = images[:64].clone()  # a copy, so the full set can be freed; real inputs on which the exported model is checked against PyTorch
-        self.forwards = len(images)
+        self.forwards = len(images) * model.trunk_passes
 
     def _logits(self, arrays: ArrayRecord) -> torch.Tensor:
         load_arrayrecord(self.model.trainable, arrays)

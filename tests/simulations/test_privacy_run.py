@@ -27,6 +27,7 @@ def test_a_dp_run_reports_epsilons_an_auditor_can_recompute(tmp_path):
         "partitioner": "iid", "dp": "both", "target-epsilon": 3.0, "target-delta": 1e-5,
         "central-clipping": "client", "central-clip-norm": 2.0, "central-noise-multiplier": 0.002,
         "run-dir": str(tmp_path / "runs"), "export-onnx": False,
+        "feature-views": "mirror",  # a per-image map: inside the guarantee, and two trunk passes per image
     }
     result = run_simulation(num_sites=2, name="private", overrides=overrides, state_dir=tmp_path / "state")
     summary = result.summary
@@ -35,6 +36,7 @@ def test_a_dp_run_reports_epsilons_an_auditor_can_recompute(tmp_path):
     assert summary["max_epsilon"] == pytest.approx(3.0, rel=0.01) and summary["max_epsilon"] <= 3.0
     assert set(summary["privacy"]["by_site"]) == {"site-0", "site-1"}
     assert (result.run_dir / "plots" / "epsilon.png").is_file()
+    assert summary["backbone_forwards"]["server_eval"] == 2 * 359  # digits' held-out fifth, each image and its mirror
     records = [r for r in load_round_records(result.run_dir / "metrics.jsonl") if r.round > 0]
     checked = 0
     for name in ("site-0", "site-1"):
