@@ -118,7 +118,7 @@ class _Verifier:
             self.problem(AUDIT_FILE, "the log is empty (no records): the run wrote none, or the file was emptied; "
                                      "there is nothing to verify without the log the run's server wrote")
             return self.report
-        if not path.read_bytes().endswith(b"\n"):
+        if not _ends_with_newline(path):
             self.problem(f"record {len(lines) - 1} (line {len(lines)})", "the last line has no newline: the log was cut off mid-write, or edited")
         prev: str | None = GENESIS
         kinds: list[tuple[int, str]] = []
@@ -552,3 +552,10 @@ def cross_check(run_dir: Path, receipts: list[dict[str, Any]], site_key: str) ->
     if not mine:
         problems.append(f"the site's ledger holds no receipt signed with its key for run {run_id}")
     return problems, agreed
+
+
+def _ends_with_newline(path: Path) -> bool:
+    """Whether the file's last byte is ``\n`` (read alone: the log was just read whole)."""
+    with open(path, "rb") as fh:
+        fh.seek(-1, 2)
+        return fh.read(1) == b"\n"
