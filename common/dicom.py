@@ -20,13 +20,17 @@ Each step is pydicom's own function; fedhead only chooses and checks:
 pydicom is imported when a DICOM file is read; without it, every DICOM file is
 unreadable with the reason "install fedhead[dicom]". The warnings pydicom gives
 while reading a file (a value too long for its VR, say) are logged at WARNING,
-naming the file, instead of reaching stderr as Python warnings.
+naming the file, instead of reaching stderr as Python warnings; any other
+warning given during the read is passed on unchanged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,22 +81,51 @@ def looks_like_dicom(path: str | Path) -> bool:
 
 def read_dicom(path: str | Path) -> DicomImage:
     """One single-frame monochrome DICOM image as 8-bit grey; UnreadableImageError says why one cannot be read."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
+    try:
+        with _pydicom_warnings_logged(path):
             return _read_dicom(path)
-        except UnreadableImageError:
-            raise
-        except Exception as exc:  # a damaged file makes pydicom raise many types (struct.error, BytesLengthException, ValueError)
-            raise UnreadableImageError(path, f"truncated or malformed DICOM file: {_first_line(exc)}") from exc
-        finally:
-            _log_warnings(path, caught)
+    except UnreadableImageError:
+        raise
+    except Exception as exc:  # a damaged file makes pydicom raise many types (struct.error, BytesLengthException, ValueError)
+        raise UnreadableImageError(path, f"truncated or malformed DICOM file: {_first_line(exc)}") from exc
 
 
-def _log_warnings(path: str | Path, caught: list[warnings.WarningMessage]) -> None:
-    """Each distinct warning given while reading ``path``, once, at WARNING (pydicom's own level for them)."""
-    for message in dict.fromkeys(_first_line(w.message) for w in caught):
-        log.warning("%s: pydicom: %s", path, message)
+@contextlib.contextmanager
+def _pydicom_warnings_logged(path: str | Path) -> Iterator[None]:
+    """Record the block's warnings; when it ends (returning or raising), pass them on (:func:`_pass_on_warnings`)."""
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        _pass_on_warnings(path, caught)
+
+
+def _pass_on_warnings(path: str | Path, caught: list[warnings.WarningMessage]) -> None:
+    """pydicom's warnings while reading ``path``: each distinct one logged once at WARNING (pydicom's own level
+    for them); any other warning given again, unchanged, for the caller's filters to handle as before."""
+    package = _pydicom_dir()
+    logged: set[str] = set()
+    for w in caught:
+        if not _from_pydicom(w, package):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+        elif (message := _first_line(w.message)) not in logged:
+            logged.add(message)
+            log.warning("%s: pydicom: %s", path, message)
+
+
+def _from_pydicom(caught: warnings.WarningMessage, package: Path | None) -> bool:
+    """True for a warning given by code in pydicom's ``package`` folder, or of a category pydicom defines."""
+    if getattr(caught.category, "__module__", "").split(".")[0] == "pydicom":
+        return True
+    return package is not None and Path(caught.filename).resolve().is_relative_to(package)
+
+
+def _pydicom_dir() -> Path | None:
+    """pydicom's package folder (None when it is not imported: then no warning can be its)."""
+    module = sys.modules.get("pydicom")
+    file = getattr(module, "__file__", None)
+    return Path(file).resolve().parent if file else None
 
 
 def _read_dicom(path: str | Path) -> DicomImage:
