@@ -36,7 +36,7 @@ from PIL import Image, UnidentifiedImageError
 
 from common.dicom import DICOM_SUFFIXES, looks_like_dicom, read_dicom
 from common.errors import DataError, UnreadableImageError
-from common.image_files import IMAGE_SUFFIXES, describe_ignored, is_image_file, list_image_files
+from common.image_files import IMAGE_SUFFIXES, describe_ignored, is_left_out, list_image_files, sort_files
 
 __all__ = [
     "IMAGE_SUFFIXES", "MANIFEST_SPLITS", "ImageKind", "Split", "SkippedFile", "UnreadableImageError",
@@ -187,20 +187,16 @@ def read_image_file(path: str | Path) -> torch.Tensor:
     return read_image(path)[0]
 
 
-def read_image(path: str | Path) -> tuple[torch.Tensor, ImageKind]:
+def read_image(path: str | Path, *, dicom: bool = False) -> tuple[torch.Tensor, ImageKind]:
     """:func:`read_image_file`'s image, and how the file stored it.
 
-    ``.dcm`` files, and files of any name that PIL cannot identify but that hold DICOM's marker, are read as DICOM.
+    ``.dcm`` files, and files of any name that hold DICOM's marker, are read as DICOM (a DICOM file's 128-byte
+    preamble may itself be a valid TIFF header); ``dicom``: the caller already found the marker.
     """
-    if Path(path).suffix.lower() in DICOM_SUFFIXES:
+    if dicom or Path(path).suffix.lower() in DICOM_SUFFIXES or looks_like_dicom(path):
         array, kind = _read_dicom_file(path)
     else:
-        try:
-            array, kind = _read_pil_file(path)
-        except UnreadableImageError:
-            if not looks_like_dicom(path):
-                raise
-            array, kind = _read_dicom_file(path)
+        array, kind = _read_pil_file(path)
     tensor = torch.from_numpy(array.copy())
     return (tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1)), kind
 
@@ -237,7 +233,7 @@ def read_image_folder(root: str | Path, class_names: Sequence[str]) -> tuple[Spl
     """(images, skipped, ignored) under ``root/<class>/`` (any depth), labelled by the class's index in ``class_names``.
 
     Unreadable image files are skipped, with reasons; files that are not images fedhead reads
-    (:mod:`common.image_files`) are returned as ignored; hidden (``.*``) names are left out.
+    (:mod:`common.image_files`) are returned as ignored; hidden (``.*``) names and a DICOMDIR are left out.
     """
     root = Path(root)
     if not root.is_dir():
@@ -251,17 +247,16 @@ def read_image_folder(root: str | Path, class_names: Sequence[str]) -> tuple[Spl
             f"'{root}' has class folders {unknown} that are not among the run's classes "
             f"({', '.join(class_names)}); rename them or set run-config 'classes'"
         )
-    loose = [p for p in entries if p.is_file()]
-    outside = [p for p in loose if is_image_file(p)]
-    ignored = [p for p in loose if p not in outside]
-    skipped = [SkippedFile(str(p), "image outside any class folder; move it into its class's folder") for p in outside]
+    loose = sort_files(p for p in entries if p.is_file())
+    ignored = loose.ignored
+    skipped = [SkippedFile(str(p), "image outside any class folder; move it into its class's folder") for p in loose.images]
     images, labels, kinds = [], [], []
     for folder in folders:
-        files, more = list_image_files(folder)
-        ignored += more
-        for file in files:
+        files = list_image_files(folder)
+        ignored += files.ignored
+        for file in files.images:
             try:
-                image, kind = read_image(file)
+                image, kind = read_image(file, dicom=file in files.dicom)
             except UnreadableImageError as exc:
                 skipped.append(SkippedFile(str(file), exc.reason))
                 continue
@@ -274,14 +269,25 @@ def read_image_folder(root: str | Path, class_names: Sequence[str]) -> tuple[Spl
 
 
 def read_site_folder(root: str | Path, class_names: Sequence[str]) -> tuple[Split, Split | None, list[SkippedFile], list[Path]]:
-    """(train, val or None, skipped, ignored) of a site's folder: class folders in ``root``, or in ``train/`` and optional ``val/``."""
+    """(train, val or None, skipped, ignored) of a site's folder: class folders in ``root``, or in ``train/`` and optional ``val/``.
+
+    Beside ``train/`` and ``val/``, image files are skipped (they are in no split) and other files ignored, as
+    :func:`read_image_folder` does with files beside its class folders.
+    """
     root = Path(root)
     flat = not (root / "train").is_dir() or "train" in class_names
     train, skipped, ignored = read_image_folder(root if flat else root / "train", class_names)
-    if flat or not (root / "val").is_dir():
+    if flat:
         return train, None, skipped, ignored
+    loose = sort_files(sorted(p for p in root.iterdir() if not is_left_out(p.name) and p.is_file()))
+    beside = [SkippedFile(str(p), "image outside train/ and val/; move it into its split's class folder") for p in loose.images]
+    for item in beside:
+        log.warning("skipping %s: %s", item.path, item.reason)
+    ignored = loose.ignored + ignored
+    if not (root / "val").is_dir():
+        return train, None, beside + skipped, ignored
     val, more, more_ignored = read_image_folder(root / "val", class_names)
-    return train, val, skipped + more, ignored + more_ignored
+    return train, val, beside + skipped + more, ignored + more_ignored
 
 
 @dataclass(frozen=True)

@@ -219,7 +219,7 @@ def predict(
 
     A folder's image files are read at any depth: PNG, JPEG and the other formats PIL reads, and DICOM
     (.dcm, or any name holding DICOM's marker). Its other files are ignored and named on stderr; hidden
-    (.*) ones quietly. An image that cannot be read gets a row saying why, and a line on stderr.
+    (.*) ones and a DICOMDIR quietly. An image that cannot be read gets a row saying why, and a line on stderr.
 
     Exits 0 when every image was classified, 1 when some could not be read (the other rows are written),
     2 when none could or on bad input (no model, no image files, an --out that would overwrite an input).

@@ -217,9 +217,9 @@ def find_images(targets: Iterable[Path]) -> tuple[list[Path], list[Path]]:
     ignored: list[Path] = []
     for target in targets:
         if target.is_dir():
-            images, others = list_image_files(target)
-            paths += images
-            ignored += others
+            files = list_image_files(target)
+            paths += files.images
+            ignored += files.ignored
         elif target.is_file():
             paths.append(target)
         else:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import subprocess
 import sys
+import warnings
 from collections import Counter
 
 import numpy as np
@@ -170,35 +173,102 @@ def test_a_dicom_file_without_the_dcm_suffix_is_read_as_dicom(tmp_path):
     assert np.array_equal(_read(renamed), _read(write_dicom(tmp_path / "again.dcm", _ramp(4095), bits_stored=12)))
 
 
+def _tiff_preamble() -> bytes:
+    """128 bytes that are a whole 1x1 grey TIFF: a DICOM file's preamble may be one (a dual-personality file)."""
+    import struct
+
+    tags = [(256, 3, 1, 1), (257, 3, 1, 1), (258, 3, 1, 8), (262, 3, 1, 1), (273, 4, 1, 98), (278, 3, 1, 1), (279, 4, 1, 1)]
+    ifd = struct.pack("<H", len(tags)) + b"".join(struct.pack("<HHII", *tag) for tag in tags) + struct.pack("<I", 0)
+    tiff = b"II*\x00" + struct.pack("<I", 8) + ifd + b"\x7f"  # the one pixel at byte 98
+    return tiff.ljust(128, b"\x00")
+
+
+@pytest.mark.parametrize("name", ["IM0001", "IM0001.dcm"])
+def test_a_dicom_file_whose_preamble_is_a_tiff_is_read_as_dicom(tmp_path, name):
+    from PIL import Image
+
+    path = write_dicom(tmp_path / "x.dcm", _ramp(4095), bits_stored=12)
+    ds = pydicom.dcmread(path)
+    ds.preamble = _tiff_preamble()
+    ds.save_as(path)
+    path = path.rename(tmp_path / name)
+    with Image.open(path) as tiff:
+        assert tiff.format == "TIFF" and tiff.size == (1, 1)  # PIL would read it as that
+    (tmp_path / "plain").mkdir()
+    plain = _read(write_dicom(tmp_path / "plain" / "x.dcm", _ramp(4095), bits_stored=12))
+    image, kind = read_image(path)
+    assert kind.format == "DICOM" and np.array_equal(image[0].numpy(), plain)
+    (tmp_path / "site" / "a").mkdir(parents=True)
+    path.rename(tmp_path / "site" / "a" / name)
+    split, skipped, ignored = read_image_folder(tmp_path / "site", ["a"])
+    assert [k.format for k in split.kinds] == ["DICOM"] and skipped == ignored == []
+
+
 def test_a_folder_reads_dicom_files_of_any_name_and_names_the_files_it_ignores(tmp_path):
     folder = tmp_path / "a"
     folder.mkdir()
     for name in ("IM0001", "1.2.840.113619.2.55.3.604688119.868"):  # no extension, a UID for a name
         write_dicom(tmp_path / "x.dcm", _ramp(4095), bits_stored=12).rename(folder / name)
-    write_dicom(tmp_path / "x.dcm", _ramp(4095), bits_stored=12).rename(folder / "DICOMDIR")  # a disc's index, not an image
+    write_dicom(tmp_path / "x.dcm", _ramp(4095), bits_stored=12).rename(folder / "DICOMDIR")  # a disc's index: left out quietly
     for name in ("scan.jp2", "notes", ".DS_Store"):
         (folder / name).write_bytes(b"\x00" * 300)
     split, skipped, ignored = read_image_folder(tmp_path, ["a"])
     assert len(split) == 2 and {k.format for k in split.kinds} == {"DICOM"} and skipped == []
-    assert [p.name for p in ignored] == ["DICOMDIR", "notes", "scan.jp2"]  # hidden names left out
+    assert [p.name for p in ignored] == ["notes", "scan.jp2"]  # hidden names and the DICOMDIR left out
 
 
-def test_pydicom_s_warnings_are_logged_naming_the_file_not_raised(tmp_path, caplog, monkeypatch):
-    import logging
-    import warnings
+@contextlib.contextmanager
+def _dicom_log(caplog):
+    """caplog sees each of common.dicom's records once, however fedhead's logging was set up: its handler is on the
+    logger itself (fedhead's loggers may not propagate to the root, where caplog's is), and nothing above it."""
+    logger = logging.getLogger("common.dicom")
+    propagate = logger.propagate
+    logger.addHandler(caplog.handler)
+    logger.propagate = False
+    try:
+        with caplog.at_level(logging.WARNING, logger="common.dicom"):
+            yield
+    finally:
+        logger.propagate = propagate
+        logger.removeHandler(caplog.handler)
 
+
+def _padded(tmp_path):
+    """A DICOM file pydicom reads with a warning (excess padding after its pixel data)."""
     path = write_dicom(tmp_path / "padded.dcm", _ramp(4095), bits_stored=12)
     ds = pydicom.dcmread(path)
-    ds.PixelData += b"\x00" * 4  # pydicom warns of the excess padding, and reads the image
+    ds.PixelData += b"\x00" * 4
     ds.save_as(path)
-    monkeypatch.setattr(logging.getLogger("common"), "propagate", True)  # the CLI's logging set-up may have stopped it
-    with warnings.catch_warnings(), caplog.at_level(logging.WARNING, logger="common.dicom"):
+    return path
+
+
+def test_pydicom_s_warnings_are_logged_naming_the_file_not_raised(tmp_path, caplog):
+    path = _padded(tmp_path)
+    with warnings.catch_warnings(), _dicom_log(caplog):
         warnings.simplefilter("error")  # a warning that escaped the reader would raise here
         image = _read(path)
     assert np.array_equal(image, _read(write_dicom(tmp_path / "plain.dcm", _ramp(4095), bits_stored=12)))
     logged = [r for r in caplog.records if r.name == "common.dicom"]
     assert [r.levelno for r in logged] == [logging.WARNING]
     assert logged[0].getMessage().startswith(f"{path}: pydicom: The pixel data is 516 bytes long, which indicates it contains 4 bytes of excess padding")
+
+
+def test_other_warnings_during_a_read_are_passed_on_unchanged_not_logged(tmp_path, caplog, monkeypatch):
+    import common.dicom
+
+    scale = common.dicom._to_unit_range
+
+    def scale_with_a_warning(*args):
+        warnings.warn("not pydicom's", RuntimeWarning)  # as numpy would, from fedhead's own arithmetic
+        return scale(*args)
+
+    monkeypatch.setattr(common.dicom, "_to_unit_range", scale_with_a_warning)
+    path = _padded(tmp_path)
+    with pytest.warns(RuntimeWarning, match="not pydicom's") as given, _dicom_log(caplog):
+        _read(path)
+    assert [(w.category, w.filename) for w in given.list] == [(RuntimeWarning, __file__)]  # where it was given
+    logged = [r.getMessage() for r in caplog.records if r.name == "common.dicom"]
+    assert len(logged) == 1 and "4 bytes of excess padding" in logged[0]  # pydicom's own, still logged
 
 
 def test_without_pydicom_a_dicom_file_is_unreadable_with_the_extra_to_install(tmp_path):
