@@ -44,7 +44,8 @@ def check(
     DATA_DIR is an image folder (one sub-folder per class, optionally under train/ and val/), a CSV manifest
     (columns path and label, optionally split: train or val; paths relative to the manifest) or a MedMNIST-style
     .npz file. Images may be PNG, JPEG and the other formats PIL reads, or DICOM (.dcm, or any name holding
-    DICOM's marker; with fedhead[dicom]). Other files in a folder are ignored and named; hidden (.*) ones quietly.
+    DICOM's marker; with fedhead[dicom]). Other files in a folder are ignored and named; hidden (.*) ones and a
+    DICOMDIR quietly.
 
     Warnings (on stderr): a class with no images, an empty validation split or one too small to measure
     (fewer than 10 images of a class), images of mixed bit depths or channel counts, files ignored.
@@ -61,7 +62,7 @@ def check(
         raise typer.Exit(ExitCode.BAD_INPUT)
     names, origin = _class_names(data_dir, classes)
     cfg = build_run_config({"classes": ",".join(names)} if names else {})
-    site = load_site_data(data_dir, cfg, name="site")
+    site = load_site_data(data_dir, cfg, name="site", warnings_shown_by_caller=True)
     console = stdout_console()
     console.print(f"{data_dir}: {len(site.train)} training and {len(site.val)} validation images")
     console.print(f"classes, in label order ({origin}): {', '.join(cfg.class_names)}")
@@ -97,6 +98,8 @@ def _class_names(data_dir: Path, classes: str) -> tuple[tuple[str, ...], str]:
 
 def _classes_option(classes: str) -> tuple[str, ...]:
     """--classes as names; ConfigError for an empty name, fewer than two names, or a name given twice."""
+    from collections import Counter
+
     from common.errors import ConfigError
 
     names = tuple(name.strip() for name in classes.split(","))
@@ -107,7 +110,7 @@ def _classes_option(classes: str) -> tuple[str, ...]:
         raise ConfigError(f"--classes {classes!r} has an empty class name between its commas; {fix}")
     if len(names) < 2:
         raise ConfigError(f"--classes {classes!r} names one class; a classifier needs at least 2: {fix}")
-    twice = sorted({name for name in names if names.count(name) > 1})
+    twice = sorted(name for name, count in Counter(names).items() if count > 1)
     if twice:
         raise ConfigError(f"--classes {classes!r} names {', '.join(twice)} more than once; {fix}")
     return names
@@ -124,7 +127,8 @@ def _check_found_classes(data_dir: Path, names: tuple[str, ...]) -> None:
         found = f"only one label, '{names[0]}'" if manifest else f"only one class folder, '{names[0]}'"
         fix = ("add rows of the other classes" if manifest
                else "add a folder of images for each other class beside it (e.g. normal/ and pneumonia/)")
-        raise DataError(f"'{data_dir}' holds {found}; a classifier needs at least 2 classes: {fix}")
+        some = "or, if this site holds only some of the run's classes, name them all in label order with --classes (e.g. --classes normal,pneumonia)"
+        raise DataError(f"'{data_dir}' holds {found}; a classifier needs at least 2 classes: {fix}, {some}")
     with_comma = [name for name in names if "," in name]
     if with_comma:
         raise DataError(f"class names {with_comma} hold a comma, which run-config 'classes' cannot; rename them")

@@ -15,7 +15,7 @@ real site runs. Supported layouts:
 Images may be PNG, JPEG and the other formats PIL reads, or DICOM (with the
 ``fedhead[dicom]`` extra), under any name where they hold DICOM's marker.
 Unreadable images are skipped and reported; other files in a folder are
-ignored and named in a warning (hidden ``.*`` names quietly).
+ignored and named in a warning (hidden ``.*`` names and a DICOMDIR quietly).
 
 The readers and their checks are :mod:`common.data_formats`'s, shared with the
 server's held-out evaluation and the benchmark loaders.
@@ -44,7 +44,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SiteData:
-    """One site's train and validation splits, the files skipped as unreadable, those ignored as not images, and warnings."""
+    """One site's train and validation splits, the files skipped as unreadable, and warnings about the data (files
+    ignored as not images among them)."""
 
     name: str
     source: str
@@ -52,7 +53,6 @@ class SiteData:
     val: Split
     skipped: list[SkippedFile] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-    ignored: list[str] = field(default_factory=list)
 
     def records_fingerprint(self) -> str:
         """sha256 of the site's images as a set (train and validation alike; labels left out).
@@ -118,12 +118,15 @@ def _data_warnings(train: Split, val: Split, cfg: RunConfig, *, carved: bool) ->
     return notes
 
 
-def load_site_data(path: Path, cfg: RunConfig, *, name: str = "site") -> SiteData:
+def load_site_data(path: Path, cfg: RunConfig, *, name: str = "site", warnings_shown_by_caller: bool = False) -> SiteData:
     """Load and check a site's data; a validation split is carved off if none is given.
 
-    Raises DataError for data that cannot be trained on; skipped files, ignored
-    files and warnings (classes without examples, an empty validation split,
-    files that are not images fedhead reads) are recorded.
+    Raises DataError for data that cannot be trained on; skipped files and
+    warnings (classes without examples, an empty validation split, files that
+    are not images fedhead reads) are recorded. The warnings are logged at
+    WARNING the first time this process loads the data (a ClientApp loads it
+    every round), else at DEBUG; all at DEBUG when ``warnings_shown_by_caller``
+    (``fedhead site check`` prints them itself).
     """
     path = Path(path)
     skipped: list[SkippedFile] = []
@@ -145,11 +148,22 @@ def load_site_data(path: Path, cfg: RunConfig, *, name: str = "site") -> SiteDat
     check_labels(train, cfg.num_classes, f"{path}: train")
     check_labels(val, cfg.num_classes, f"{path}: val")
     notes = _data_warnings(train, val, cfg, carved=carved) + ([describe_ignored(ignored)] if ignored else [])
-    for note in notes:
-        log.warning("%s: %s", path, note)
-    if skipped:
-        log.warning("%s: skipped %d unreadable image files (listed above)", path, len(skipped))
-    return SiteData(name=name, source=str(path), train=train, val=val, skipped=skipped, warnings=notes, ignored=[str(p) for p in ignored])
+    summary = [f"skipped {len(skipped)} unreadable image files (listed above)"] if skipped else []
+    for note in notes + summary:
+        log.log(_note_level(path, note, warnings_shown_by_caller), "%s: %s", path, note)
+    return SiteData(name=name, source=str(path), train=train, val=val, skipped=skipped, warnings=notes)
+
+
+_NOTED: set[tuple[str, str]] = set()  # (data path, warning) logged at WARNING in this process
+
+
+def _note_level(path: Path, note: str, shown_by_caller: bool) -> int:
+    """WARNING for a note about ``path`` this process has not logged yet (and the caller does not show), else DEBUG."""
+    key = (str(path.resolve()), note)
+    if shown_by_caller or key in _NOTED:
+        return logging.DEBUG
+    _NOTED.add(key)
+    return logging.WARNING
 
 
 def _why_none(skipped: list[SkippedFile], ignored: list[Path]) -> str:

@@ -104,8 +104,12 @@ def test_a_folder_with_one_class_is_refused_naming_the_data_not_a_run_config(tmp
     code, _, problems = _check(capsys, monkeypatch, tmp_path)
     assert code == 2 and problems == [
         f"'{tmp_path}' holds only one class folder, 'pneumonia'; a classifier needs at least 2 classes: "
-        "add a folder of images for each other class beside it (e.g. normal/ and pneumonia/)"
+        "add a folder of images for each other class beside it (e.g. normal/ and pneumonia/), or, if this site holds "
+        "only some of the run's classes, name them all in label order with --classes (e.g. --classes normal,pneumonia)"
     ]
+    code, out, problems = _check(capsys, monkeypatch, tmp_path, "--classes", "normal,pneumonia")  # the way out it names
+    assert code == 0 and "classes, in label order (from --classes): normal, pneumonia" in out
+    assert any(line.startswith("warning: no training images of 1 of 2 classes (normal)") for line in problems)
 
 
 @pytest.mark.parametrize(("classes", "says"), [

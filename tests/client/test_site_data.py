@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -102,3 +104,51 @@ def test_the_privacy_ledger_key_is_the_same_data_however_it_is_split(tmp_path, d
     assert relabelled.records_fingerprint() == one.records_fingerprint()
     np.savez(path, train_images=images[1:301], train_labels=labels[1:301])  # other images
     assert load_site_data(path, build_run_config(classes=",".join(str(d) for d in range(10)))).records_fingerprint() != one.records_fingerprint()
+
+
+def _two_class_folder(root, digits, split: str = "") -> None:
+    images, labels = digits
+    for i in range(20):
+        folder = root / split / ("a" if labels[i] % 2 == 0 else "b")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[i]).save(folder / f"{i}.png")
+
+
+def _site_warnings(caplog, path, **options) -> list[str]:
+    """The WARNING records client.site_data logs while loading ``path`` (fedhead's loggers may not propagate to the root)."""
+    logger = logging.getLogger("client.site_data")
+    propagate = logger.propagate
+    logger.addHandler(caplog.handler)
+    logger.propagate = False  # each record once: the handler is on the logger itself, none above it
+    caplog.clear()
+    try:
+        with caplog.at_level(logging.DEBUG, logger="client.site_data"):
+            load_site_data(path, build_run_config(classes="a,b", val_fraction=0.25), **options)
+    finally:
+        logger.propagate = propagate
+        logger.removeHandler(caplog.handler)
+    return [r.getMessage() for r in caplog.records if r.name == "client.site_data" and r.levelno == logging.WARNING]
+
+
+def test_a_site_s_warnings_are_logged_once_a_process_and_not_at_all_where_the_caller_shows_them(tmp_path, digits, caplog):
+    _two_class_folder(tmp_path, digits)
+    (tmp_path / "a" / "notes.txt").write_text("not an image")
+    assert _site_warnings(caplog, tmp_path, warnings_shown_by_caller=True) == []  # site check prints them itself
+    first = _site_warnings(caplog, tmp_path)
+    assert len(first) == 1 and "ignored 1 file that is not an image fedhead reads" in first[0]
+    assert _site_warnings(caplog, tmp_path) == []  # a ClientApp loads its data every round: the site log says it once
+
+
+def test_files_beside_train_and_val_are_named_not_dropped(tmp_path, digits):
+    for split in ("train", "val"):
+        _two_class_folder(tmp_path, digits, split)
+    (tmp_path / "README.txt").write_text("how this data was exported")
+    Image.fromarray(digits[0][0]).save(tmp_path / "stray.png")
+    (tmp_path / ".DS_Store").write_bytes(b"\x00" * 16)
+    site = load_site_data(tmp_path, build_run_config(classes="a,b"))
+    assert len(site.train) == len(site.val) == 20
+    assert [(s.path, s.reason) for s in site.skipped] == [
+        (str(tmp_path / "stray.png"), "image outside train/ and val/; move it into its split's class folder")
+    ]
+    ignored = [note for note in site.warnings if note.startswith("ignored")]
+    assert len(ignored) == 1 and ignored[0].startswith(f"ignored 1 file that is not an image fedhead reads: {tmp_path / 'README.txt'};")
