@@ -35,11 +35,19 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _HASH_IN_NAME = re.compile(r"-([0-9a-f]{6,64})\.\w+$")
-_CACHE_FILE_MODE = 0o644
+_CACHE_FILE_MODE = 0o666  # what open() creates a file with, before the umask: torch's downloads are made so
 
 
 def _umask() -> int:
-    """The process's umask (reading it means setting it, so it is set straight back)."""
+    """The process's umask: from /proc/self/status where Linux gives it (reading it leaves it alone), else by
+    os.umask, which can only read it by setting it, and so sets it straight back."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
@@ -120,7 +128,7 @@ def stage_weights_file(source: str | os.PathLike, backbone: str | None = None) -
     """Copy a weights file into torch's hub cache under its release name, after checking it.
 
     The backbone is found from the file name when not given. The staged file's mode is
-    0644 less the umask, as torch's own downloads are. Returns the staged path.
+    0666 less the umask, as torch's own downloads are. Returns the staged path.
     """
     src = Path(source).expanduser()
     if not src.is_file():

@@ -89,7 +89,7 @@ def test_stage_into_a_hub_cache_that_cannot_be_written_says_so(tmp_path, monkeyp
     assert "set TORCH_HOME to a folder this user can write" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o002, 0o664), (0o027, 0o640), (0o077, 0o600)])
 def test_a_staged_file_is_readable_as_the_umask_allows_like_torch_s_own_downloads(tmp_path, monkeypatch, staged_mobilenet, umask, mode):
     import os
     import stat
