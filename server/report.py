@@ -133,7 +133,9 @@ def _facts(ev: RunEvidence, summary: dict[str, Any]) -> list[tuple[str, str, str
     from_start = "" if start else _UNSIGNED
     from_end = "" if ev.end_signed else _UNSIGNED
     privacy = first.get("privacy") or {}
-    versions = first.get("versions") or {}
+    versions, from_versions = first.get("versions") or {}, from_start
+    if not versions and summary.get("versions"):  # a run-start record without versions: summary.json's, unsigned
+        versions, from_versions = summary["versions"], _UNSIGNED
     rows = [
         ("run", ev.name, ""),
         ("run id", ev.run_id or "-", ""),
@@ -161,7 +163,7 @@ def _facts(ev: RunEvidence, summary: dict[str, Any]) -> list[tuple[str, str, str
                                         f"epsilon {spent if spent is None else f'{spent:.3f}'} of {central.get('planned_epsilon', 0):.3f} planned",
                      from_end or from_start))
     if versions:
-        rows.append(("versions", ", ".join(f"{k} {v}" for k, v in sorted(versions.items()) if v), from_start))
+        rows.append(("versions", ", ".join(f"{k} {v}" for k, v in sorted(versions.items()) if v), from_versions))
     if end.get("error"):
         rows.append(("error", redact_paths(end["error"]), from_end))
     return [(label, value, note if value != "-" else "") for label, value, note in rows]

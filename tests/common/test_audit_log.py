@@ -383,6 +383,18 @@ def test_a_report_of_a_log_cut_off_before_its_run_end_marks_the_figures_it_takes
     assert "where the log lacks its run-end record, from its unsigned summary.json" in html
 
 
+def test_the_versions_row_is_summary_json_s_marked_unsigned_where_the_run_start_record_has_none():
+    from server.report import RunEvidence, _facts
+
+    summary = {"versions": {"fedhead": "0.1.0", "torch": "2.5.1"}}
+    evidence = RunEvidence("run", [], "audit log", start={"strategy": "fedavg"}, end={}, summary=summary, end_signed=True)
+    facts = {label: (value, note) for label, value, note in _facts(evidence, summary)}
+    assert facts["versions"] == ("fedhead 0.1.0, torch 2.5.1", "from summary.json, not signed")
+    evidence.start["versions"] = {"torch": "2.6.0"}  # the signed record's own, where it has them
+    facts = {label: (value, note) for label, value, note in _facts(evidence, summary)}
+    assert facts["versions"] == ("torch 2.6.0", "")
+
+
 def test_an_empty_log_is_named_empty_by_verify_and_report(signed_run, tmp_path):
     run_dir = _copy(signed_run, tmp_path)
     for content in ("", "\n \n\n"):
