@@ -39,7 +39,8 @@ class View:
 VIEW_SETS: MappingProxyType[str, tuple[View, ...]] = MappingProxyType({
     "one": (View(),),
     "mirror": (View(), View(mirror=True)),
-    "mirror-shift": (View(), View(mirror=True), View(shift=1), View(shift=-1)),
+    # each view's mirror is in the set too, so a mirrored image has the same features
+    "mirror-shift": tuple(View(mirror, shift) for mirror in (False, True) for shift in (0, 1, -1)),
 })
 assert tuple(VIEW_SETS) == FEATURE_VIEWS  # the config's names are the sets defined here
 

@@ -33,6 +33,9 @@ def test_mirror_averaged_features_are_the_mean_of_both_passes_and_the_same_for_a
     assert not torch.allclose(plain, plain_mirrored, atol=1e-2)  # the backbone alone tells them apart
     torch.testing.assert_close(averaged, (plain + plain_mirrored) / 2, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(averaged_mirrored, averaged, rtol=1e-4, atol=1e-4)
+    shifted, shifted_mirrored = _features("mirror-shift", images), _features("mirror-shift", images.flip(-1))
+    assert not torch.allclose(shifted, averaged, atol=1e-2)
+    torch.testing.assert_close(shifted_mirrored, shifted, rtol=1e-4, atol=1e-4)
 
 
 def test_a_shift_moves_the_image_by_whole_pixels_and_mirrors_the_edge_in():
