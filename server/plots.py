@@ -83,7 +83,8 @@ def metric_figure(history: list[RoundRecord], metric: str, *, title: str) -> Fig
         xs, ys = _series(history, section, metric)
         if xs:
             ax.plot(xs, ys, marker="o", label=label)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:  # a run with no rounds recorded draws empty axes, without a legend
+        ax.legend()
     return fig
 
 

@@ -60,7 +60,7 @@ def test_proximal_term_keeps_the_update_closer(setup, digits_cfg):
     def drift(mu: float) -> float:
         model.trainable.load_state_dict({k: v.clone() for k, v in start.items()}, strict=False)
         train_locally(model.trainable, train, site.train.labels, val, site.val.labels, digits_cfg, server_round=1, proximal_mu=mu)
-        return sum(float((p - start[n]).norm()) for n, p in trainable_parameters(model.trainable))
+        return sum(float((p.detach() - start[n]).norm()) for n, p in trainable_parameters(model.trainable))
 
     assert drift(10.0) < 0.8 * drift(0.0)
 
