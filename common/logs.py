@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 
 from common.errors import ConfigError
 
-__all__ = ["configure_logging", "LOG_LEVELS"]
+__all__ = ["configure_logging", "held_logs", "LOG_LEVELS"]
+
+log = logging.getLogger(__name__)
 
 _PACKAGES = ("common", "client", "server", "simulations")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -33,3 +37,28 @@ def configure_logging(level: str | None = None) -> None:
     flwr_logger = logging.getLogger("flwr")
     if flwr_logger.level == logging.DEBUG:
         flwr_logger.setLevel(logging.INFO)
+
+
+class _Hold(logging.Filter):
+    """Keeps a logger's records instead of letting them through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.records.append(record)
+        return False
+
+
+@contextlib.contextmanager
+def held_logs(name: str) -> Iterator[None]:
+    """Hold back logger ``name``'s own records for the block (the caller reports what they say), then log them at DEBUG."""
+    logger, hold = logging.getLogger(name), _Hold()
+    logger.addFilter(hold)
+    try:
+        yield
+    finally:
+        logger.removeFilter(hold)
+        for record in hold.records:
+            log.debug("%s: %s", name, record.getMessage(), exc_info=record.exc_info)

@@ -8,11 +8,10 @@ it is installed, else through ``model.pt2`` with plain torch.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from common.data_formats import UnreadableImageError, read_image_file
 from common.errors import ConfigError, DataError
 from common.files import atomic_path
 from common.image_files import list_image_files
+from common.logs import held_logs
 from common.progress import ProgressReporter
 
 __all__ = [
@@ -61,7 +61,7 @@ class Predictor:
 
                 self._session = onnxruntime.InferenceSession(str(model_dir / name), providers=["CPUExecutionProvider"])
             else:
-                with _held_logs("torch.export"):  # it logs a traceback at WARNING before it raises
+                with held_logs("torch.export"):  # it logs a traceback at WARNING before it raises
                     self._module = torch.export.load(str(model_dir / name)).module()
         except Exception as exc:  # onnxruntime and torch.export raise many types for a damaged file
             other = "torch" if engine == "onnx" else "onnx"
@@ -94,31 +94,6 @@ class Predictor:
             return torch.from_numpy(self._session.run(None, {self.manifest["input"]["name"]: inputs.numpy()})[0])
         with torch.no_grad():
             return self._module(inputs)
-
-
-class _Hold(logging.Filter):
-    """Keeps a logger's records instead of letting them through."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        self.records.append(record)
-        return False
-
-
-@contextlib.contextmanager
-def _held_logs(name: str) -> Iterator[None]:
-    """Hold back logger ``name``'s records for the block, then pass them to fedhead's log at DEBUG."""
-    logger, hold = logging.getLogger(name), _Hold()
-    logger.addFilter(hold)
-    try:
-        yield
-    finally:
-        logger.removeFilter(hold)
-        for record in hold.records:
-            log.debug("%s: %s", name, record.getMessage(), exc_info=record.exc_info)
 
 
 def _input_and_classes(manifest: dict[str, Any], path: Path) -> tuple[tuple[int, int], v2.InterpolationMode, bool, list[str]]:

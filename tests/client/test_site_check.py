@@ -19,6 +19,8 @@ def _check(capsys, monkeypatch, *args: str) -> tuple[int, str, list[str]]:
     code = main(["site", "check", *map(str, args)])
     captured = capsys.readouterr()
     problems = [line.removeprefix("fedhead: ") for line in captured.err.splitlines() if line.startswith("fedhead: ")]
+    for line in captured.err.splitlines():  # each skipped file is named once, by the command, not also by the reader's log
+        assert not line.startswith("WARNING common.data_formats: skipping"), captured.err
     return code, " ".join(captured.out.split()), problems
 
 
