@@ -191,14 +191,27 @@ def read_image(path: str | Path, *, dicom: bool = False) -> tuple[torch.Tensor, 
     """:func:`read_image_file`'s image, and how the file stored it.
 
     ``.dcm`` files, and files of any name that hold DICOM's marker, are read as DICOM (a DICOM file's 128-byte
-    preamble may itself be a valid TIFF header); ``dicom``: the caller already found the marker.
+    preamble may itself be a valid TIFF header); ``dicom``: the caller already found the marker. The marker is
+    looked for before decoding only in a ``.tif``/``.tiff`` or a file with no or an unknown suffix; a PNG, JPEG
+    and the like go straight to PIL, and are looked at only when PIL cannot read them.
     """
-    if dicom or Path(path).suffix.lower() in DICOM_SUFFIXES or looks_like_dicom(path):
+    suffix = Path(path).suffix.lower()
+    if dicom or suffix in DICOM_SUFFIXES or (suffix not in _PIL_ONLY_SUFFIXES and looks_like_dicom(path)):
         array, kind = _read_dicom_file(path)
     else:
-        array, kind = _read_pil_file(path)
+        try:
+            array, kind = _read_pil_file(path)
+        except UnreadableImageError:
+            if suffix not in _PIL_ONLY_SUFFIXES or not looks_like_dicom(path):
+                raise
+            array, kind = _read_dicom_file(path)  # a DICOM file under a PNG's or JPEG's name
     tensor = torch.from_numpy(array.copy())
     return (tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1)), kind
+
+
+# Suffixes whose files go straight to PIL: a DICOM file hides in a TIFF's name (its preamble may be a TIFF header),
+# under no suffix or an unknown one, but its marker is not looked for in these before decoding (it costs a read).
+_PIL_ONLY_SUFFIXES = IMAGE_SUFFIXES - DICOM_SUFFIXES - {".tif", ".tiff"}
 
 
 def _read_dicom_file(path: str | Path) -> tuple[np.ndarray, ImageKind]:

@@ -13,7 +13,7 @@ from PIL import Image
 from client.site_data import load_site_data
 from common.benchmarks import BENCHMARKS, load_benchmark
 from common.config import BENCHMARK_CLASS_COUNTS, DATASETS, build_run_config
-from common.data_formats import Split, UnreadableImageError, check_labels, empty_classes, read_image_file, read_npz
+from common.data_formats import Split, UnreadableImageError, check_labels, empty_classes, read_image, read_image_file, read_npz
 from common.errors import ConfigError, DataError
 from server.central_eval import load_eval_arrays
 
@@ -234,6 +234,28 @@ def test_a_sixteen_bit_png_is_rescaled_from_its_own_range(tmp_path, loader):
 def test_greyscale_stays_one_channel_and_colour_becomes_rgb(tmp_path, mode, channels):
     Image.new(mode, (5, 4)).save(tmp_path / "x.png")
     assert tuple(read_image_file(tmp_path / "x.png").shape) == (channels, 4, 5)
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt", "sniffed"),
+    [
+        *[pytest.param(f"x{suffix}", fmt, False, id=suffix) for suffix, fmt in
+          ((".png", "PNG"), (".PNG", "PNG"), (".jpg", "JPEG"), (".jpeg", "JPEG"), (".bmp", "BMP"), (".gif", "GIF"), (".webp", "WEBP"))],
+        *[pytest.param(name, fmt, True, id=name) for name, fmt in
+          (("x.tif", "TIFF"), ("x.tiff", "TIFF"), ("IM0001", "PNG"), ("x.img", "PNG"), ("1.2.840.113619", "JPEG"))],
+    ],
+)
+def test_only_a_tiff_or_an_unknown_name_is_looked_at_for_dicom_s_marker_before_decoding(tmp_path, monkeypatch, name, fmt, sniffed):
+    """A PNG or JPEG costs one open (a ClientApp rereads its data every round); a DICOM file can hide only in the others."""
+    import common.data_formats
+    from common.dicom import looks_like_dicom
+
+    looked: list[str] = []
+    monkeypatch.setattr(common.data_formats, "looks_like_dicom", lambda path: looked.append(str(path)) or looks_like_dicom(path))
+    Image.new("L", (5, 4), 90).save(tmp_path / name, format=fmt)
+    image, kind = read_image(tmp_path / name)
+    assert tuple(image.shape[1:]) == (4, 5) and kind.format == fmt
+    assert looked == ([str(tmp_path / name)] if sniffed else [])
 
 
 def test_a_bomb_is_an_error_only_inside_the_reader(tmp_path, monkeypatch):

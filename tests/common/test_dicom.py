@@ -173,6 +173,15 @@ def test_a_dicom_file_without_the_dcm_suffix_is_read_as_dicom(tmp_path):
     assert np.array_equal(_read(renamed), _read(write_dicom(tmp_path / "again.dcm", _ramp(4095), bits_stored=12)))
 
 
+@pytest.mark.parametrize("name", ["IM0001", "IM0001.dicom", "scan.png"])
+def test_a_dicom_file_under_no_suffix_an_unknown_one_or_a_png_s_is_read_as_dicom(tmp_path, name):
+    """A PNG's name is not looked at for DICOM's marker before PIL, only once PIL cannot identify the file."""
+    expected = _read(write_dicom(tmp_path / "plain.dcm", _ramp(4095), bits_stored=12))
+    path = write_dicom(tmp_path / "x.dcm", _ramp(4095), bits_stored=12).rename(tmp_path / name)
+    image, kind = read_image(path)
+    assert kind.format == "DICOM" and np.array_equal(image[0].numpy(), expected)
+
+
 def _tiff_preamble() -> bytes:
     """128 bytes that are a whole 1x1 grey TIFF: a DICOM file's preamble may be one (a dual-personality file)."""
     import struct
@@ -183,7 +192,7 @@ def _tiff_preamble() -> bytes:
     return tiff.ljust(128, b"\x00")
 
 
-@pytest.mark.parametrize("name", ["IM0001", "IM0001.dcm"])
+@pytest.mark.parametrize("name", ["IM0001", "IM0001.dcm", "IM0001.tif"])
 def test_a_dicom_file_whose_preamble_is_a_tiff_is_read_as_dicom(tmp_path, name):
     from PIL import Image
 
