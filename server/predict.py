@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ import torch
 from torchvision.transforms import v2
 
 from common.config import is_plain_name
-from common.data_formats import UnreadableImageError, read_image_file
+from common.data_formats import UnreadableImageError, read_image
 from common.errors import ConfigError, DataError
 from common.files import atomic_path
 from common.image_files import list_image_files
@@ -28,7 +28,7 @@ from common.logs import held_logs
 from common.progress import ProgressReporter
 
 __all__ = [
-    "ENGINES", "Prediction", "Predictor", "load_predictor", "check_out_path", "find_images", "image_paths", "predict",
+    "ENGINES", "ImagePaths", "Prediction", "Predictor", "load_predictor", "check_out_path", "find_images", "image_paths", "predict",
     "write_predictions",
 ]
 
@@ -185,34 +185,47 @@ def check_out_path(out: Path, images: list[Path], model_dir: Path) -> None:
         raise DataError(f"--out {out} is one of the images to classify; write the CSV elsewhere")
 
 
-def find_images(targets: Iterable[Path]) -> tuple[list[Path], list[Path]]:
+class ImagePaths(list[Path]):
+    """Image files to classify, in order; ``dicom``: those a folder listing found DICOM's marker in, read as DICOM
+    by :func:`predict` without looking again."""
+
+    def __init__(self, paths: Iterable[Path] = (), *, dicom: Iterable[Path] = ()) -> None:
+        super().__init__(paths)
+        self.dicom = frozenset(dicom)
+
+
+def find_images(targets: Iterable[Path]) -> tuple[ImagePaths, list[Path]]:
     """(images, ignored): each file named, and under each folder named (recursively, sorted) the image files;
     the folders' other files are ignored (:mod:`common.image_files`), hidden ones quietly."""
     paths: list[Path] = []
+    dicom: set[Path] = set()
     ignored: list[Path] = []
     for target in targets:
         if target.is_dir():
             files = list_image_files(target)
             paths += files.images
+            dicom |= files.dicom
             ignored += files.ignored
         elif target.is_file():
             paths.append(target)
         else:
             raise DataError(f"'{target}' is neither an image file nor a folder; check the path")
-    return paths, ignored
+    return ImagePaths(paths, dicom=dicom), ignored
 
 
-def image_paths(targets: Iterable[Path]) -> list[Path]:
+def image_paths(targets: Iterable[Path]) -> ImagePaths:
     """:func:`find_images`' image files."""
     return find_images(targets)[0]
 
 
-def predict(predictor: Predictor, paths: list[Path], *, top_k: int = 3, batch_size: int = 64) -> list[Prediction]:
+def predict(predictor: Predictor, paths: Sequence[Path], *, top_k: int = 3, batch_size: int = 64) -> list[Prediction]:
     """Each image's top ``top_k`` classes with probabilities (softmax of the logits), in ``paths``' order.
 
     An unreadable image gets a row with the reason instead; a progress bar (or
-    a log line every 10 s) shows the images done.
+    a log line every 10 s) shows the images done. Files :func:`find_images` found
+    DICOM's marker in (``paths`` from it) are not looked at for it again.
     """
+    dicom = paths.dicom if isinstance(paths, ImagePaths) else frozenset()
     k = max(1, min(top_k, len(predictor.classes)))
     results: list[Prediction | None] = [None] * len(paths)
     pending: list[tuple[int, torch.Tensor]] = []
@@ -230,7 +243,7 @@ def predict(predictor: Predictor, paths: list[Path], *, top_k: int = 3, batch_si
     with ProgressReporter(len(paths), "predict", logger=log) as progress:
         for i, path in enumerate(paths):
             try:
-                pending.append((i, predictor.prepare(read_image_file(path))))
+                pending.append((i, predictor.prepare(read_image(path, dicom=path in dicom)[0])))
             except UnreadableImageError as exc:
                 results[i] = Prediction(str(path), [], exc.reason)
                 progress.advance(1)

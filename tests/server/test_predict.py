@@ -87,6 +87,33 @@ def test_a_folder_s_dicom_without_extension_is_read_and_other_files_are_named(mo
     ]
 
 
+@pytest.mark.parametrize("named", ["folder", "file"])
+def test_a_dicom_without_extension_is_looked_at_for_dicom_s_marker_once(model_dir, tmp_path, monkeypatch, named):
+    """Found in a folder by its marker, it is read as DICOM without looking again; named itself, it is looked at on reading."""
+    pytest.importorskip("pydicom", reason="DICOM is the optional extra fedhead[dicom]")
+    import common.data_formats
+    import common.image_files
+    from common.dicom import looks_like_dicom
+    from server.predict import find_images, load_predictor, predict
+    from tests.dicom_files import write_dicom
+
+    looked: list[str] = []
+
+    def spy(path) -> bool:
+        looked.append(str(path))
+        return looks_like_dicom(path)
+
+    for module in (common.image_files, common.data_formats):
+        monkeypatch.setattr(module, "looks_like_dicom", spy)
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    scan = write_dicom(folder / "IM0001.dcm", np.arange(64, dtype=np.uint16).reshape(8, 8) * 64, bits_stored=12).rename(folder / "IM0001")
+    paths, ignored = find_images([folder if named == "folder" else scan])
+    predictions = predict(load_predictor(model_dir, "torch"), paths)
+    assert [(p.path, p.error) for p in predictions] == [(str(scan), "")] and ignored == []
+    assert looked == [str(scan)]
+
+
 def test_a_folder_of_only_files_fedhead_does_not_read_names_them(model_dir, tmp_path, capsys):
     (tmp_path / "scans").mkdir()
     (tmp_path / "scans" / "chest.jp2").write_bytes(b"\x00" * 200)
