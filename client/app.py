@@ -129,8 +129,10 @@ def _prepare(msg: Message, context: Context) -> _Site:
         )
     load_arrayrecord(model.trainable, instruction.arrays)
     extraction = resolve_extraction(site_cfg.device, site_cfg.precision)  # a missing GPU is named before any image is read
-    data = load_site_data(_data_path(cfg, site_cfg), cfg, name=site_cfg.site_name)
-    site = _Site(cfg, site_cfg, instruction, model, data, str(context.run_id), extraction)
+    run_id = str(context.run_id)
+    # A ClientApp is a fresh process for every message: the state-dir remembers which data notes this run has logged.
+    data = load_site_data(_data_path(cfg, site_cfg), cfg, name=site_cfg.site_name, state_dir=site_cfg.state_dir, run_id=run_id)
+    site = _Site(cfg, site_cfg, instruction, model, data, run_id, extraction)
     model.place_trunk(site.extraction.device)  # built only if a feature is missing from the cache
     model.trainable.to(site.train_device)
     return site

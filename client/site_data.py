@@ -24,9 +24,12 @@ server's held-out evaluation and the benchmark loaders.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 
 import torch
 
@@ -35,6 +38,7 @@ from common.data_formats import (
     SkippedFile, Split, check_labels, empty_classes, image_to_uint8, read_manifest, read_npz, read_site_folder,
 )
 from common.errors import DataError
+from common.files import write_json_atomic
 from common.image_files import describe_ignored
 
 __all__ = ["SiteData", "Split", "SkippedFile", "image_to_uint8", "load_site_data"]
@@ -118,17 +122,42 @@ def _data_warnings(train: Split, val: Split, cfg: RunConfig, *, carved: bool) ->
     return notes
 
 
-def load_site_data(path: Path, cfg: RunConfig, *, name: str = "site", warnings_shown_by_caller: bool = False) -> SiteData:
+def load_site_data(
+    path: Path,
+    cfg: RunConfig,
+    *,
+    name: str = "site",
+    warnings_shown_by_caller: bool = False,
+    state_dir: Path | None = None,
+    run_id: str | None = None,
+) -> SiteData:
     """Load and check a site's data; a validation split is carved off if none is given.
 
     Raises DataError for data that cannot be trained on; skipped files and
     warnings (classes without examples, an empty validation split, files that
-    are not images fedhead reads) are recorded. The warnings are logged at
-    WARNING the first time this process loads the data (a ClientApp loads it
-    every round), else at DEBUG; all at DEBUG when ``warnings_shown_by_caller``
+    are not images fedhead reads) are recorded. The warnings, and the readers'
+    lines naming each skipped file, are logged at WARNING the first time this
+    process loads the data (a ClientApp loads it every round) and, given
+    ``state_dir`` and ``run_id``, the first time in that run (a deployment's
+    ClientApp is a fresh process for every message: a marker in the state-dir
+    remembers them), else at DEBUG; all at DEBUG when ``warnings_shown_by_caller``
     (``fedhead site check`` prints them itself).
     """
     path = Path(path)
+    with _HeldRecords(_READER_LOGGERS) as held:  # on a failure they are let through as they were
+        train, val, skipped, notes = _read_and_check(path, cfg)
+    summary = [f"skipped {len(skipped)} unreadable image files (listed above)"] if skipped else []
+    lines = [record.getMessage() for record in held.notes] + [f"{path}: {note}" for note in notes + summary]
+    levels = _note_levels(path, lines, shown_by_caller=warnings_shown_by_caller, state_dir=state_dir, run_id=run_id)
+    for record, level in zip(held.notes, levels):
+        held.pass_on(record, level)
+    for line, level in zip(lines[len(held.notes):], levels[len(held.notes):]):
+        log.log(level, "%s", line)
+    return SiteData(name=name, source=str(path), train=train, val=val, skipped=skipped, warnings=notes)
+
+
+def _read_and_check(path: Path, cfg: RunConfig) -> tuple[Split, Split, list[SkippedFile], list[str]]:
+    """(train, val, skipped, warnings) of the site's data; DataError for data that cannot be trained on."""
     skipped: list[SkippedFile] = []
     ignored: list[Path] = []
     if path.is_file() and path.suffix.lower() == ".npz":
@@ -148,22 +177,87 @@ def load_site_data(path: Path, cfg: RunConfig, *, name: str = "site", warnings_s
     check_labels(train, cfg.num_classes, f"{path}: train")
     check_labels(val, cfg.num_classes, f"{path}: val")
     notes = _data_warnings(train, val, cfg, carved=carved) + ([describe_ignored(ignored)] if ignored else [])
-    summary = [f"skipped {len(skipped)} unreadable image files (listed above)"] if skipped else []
-    for note in notes + summary:
-        log.log(_note_level(path, note, warnings_shown_by_caller), "%s: %s", path, note)
-    return SiteData(name=name, source=str(path), train=train, val=val, skipped=skipped, warnings=notes)
+    return train, val, skipped, notes
 
 
-_NOTED: set[tuple[str, str]] = set()  # (data path, warning) logged at WARNING in this process
+# The readers whose own WARNING lines name a site's files (skipped as unreadable, pydicom's warnings about one).
+_READER_LOGGERS = ("common.data_formats", "common.dicom")
 
 
-def _note_level(path: Path, note: str, shown_by_caller: bool) -> int:
-    """WARNING for a note about ``path`` this process has not logged yet (and the caller does not show), else DEBUG."""
-    key = (str(path.resolve()), note)
-    if shown_by_caller or key in _NOTED:
-        return logging.DEBUG
-    _NOTED.add(key)
-    return logging.WARNING
+class _HeldRecords(logging.Filter):
+    """Holds the named loggers' WARNING (and above) records during a block: the data notes, for the caller to log at
+    the level it chooses (:meth:`pass_on`). Lower records go through; if the block raises, the held ones go as they were."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        super().__init__()
+        self.loggers = [logging.getLogger(n) for n in names]
+        self.notes: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        self.notes.append(record)
+        return False
+
+    def __enter__(self) -> _HeldRecords:
+        for logger in self.loggers:
+            logger.addFilter(self)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        for logger in self.loggers:
+            logger.removeFilter(self)
+        if kind is not None:
+            for record in self.notes:
+                self.pass_on(record, record.levelno)
+
+    @staticmethod
+    def pass_on(record: logging.LogRecord, level: int) -> None:
+        """Log ``record`` through its own logger at ``level``, if that logger logs ``level``."""
+        logger = logging.getLogger(record.name)
+        if logger.isEnabledFor(level):
+            record.levelno, record.levelname = level, logging.getLevelName(level)
+            logger.handle(record)
+
+
+_NOTED: set[tuple[str, str]] = set()  # (data path, note) logged at WARNING in this process
+_NOTES_DIR = "data-notes"  # in a site's state-dir: <run id>.json, digests of the notes a run has logged at WARNING
+
+
+def _note_levels(path: Path, notes: Sequence[str], *, shown_by_caller: bool, state_dir: Path | None, run_id: str | None) -> list[int]:
+    """Per note about ``path``: WARNING where neither this process nor (given ``state_dir`` and ``run_id``) an earlier
+    message of the run has logged it, and the caller does not show it; else DEBUG."""
+    if shown_by_caller:
+        return [logging.DEBUG] * len(notes)
+    where = str(path.resolve())
+    fresh = [note for note in dict.fromkeys(notes) if (where, note) not in _NOTED]
+    _NOTED.update((where, note) for note in fresh)
+    if fresh and state_dir is not None and run_id is not None:
+        fresh = _first_in_run(Path(state_dir) / _NOTES_DIR / f"{run_id}.json", where, fresh)
+    unlogged, levels = set(fresh), []
+    for note in notes:
+        levels.append(logging.WARNING if note in unlogged else logging.DEBUG)
+        unlogged.discard(note)
+    return levels
+
+
+def _first_in_run(marker: Path, where: str, notes: list[str]) -> list[str]:
+    """Those of ``notes`` that ``marker`` does not list yet, now added to it; all of them if it cannot be written."""
+    digests = {note: hashlib.sha256(f"{where}\0{note}".encode()).hexdigest() for note in notes}
+    try:
+        logged = {digest for digest in json.loads(marker.read_text())["noted"] if isinstance(digest, str)}
+    except FileNotFoundError:
+        logged = set()
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # damaged: the notes are logged again, and it is rewritten
+        log.debug("cannot read %s (%s); logging this run's data notes again", marker, exc)
+        logged = set()
+    new = [note for note in notes if digests[note] not in logged]
+    if new:
+        try:
+            write_json_atomic(marker, {"noted": sorted(logged | {digests[note] for note in new})})
+        except OSError as exc:  # never fail a round over a log marker: the notes are logged, and may be again
+            log.debug("cannot write %s (%s); later messages of this run will log its data notes again", marker, exc)
+    return new
 
 
 def _why_none(skipped: list[SkippedFile], ignored: list[Path]) -> str:

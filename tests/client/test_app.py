@@ -82,3 +82,33 @@ def test_a_bad_node_config_is_refused_naming_the_key(tmp_path, digits_npz):
     reply = app(_message("train", "0" * 64), _context(tmp_path, digits_npz, device="tpu", colour="red"))
     assert reply.has_error() and reply.error.reason.startswith("ConfigError: the site's configuration")
     assert "colour" not in reply.error.reason  # the details stay in the site's log
+
+
+def test_each_message_is_a_fresh_process_yet_the_site_warns_about_its_data_once_a_run(tmp_path, digits, caplog, monkeypatch):
+    import logging
+
+    import client.site_data
+    from PIL import Image
+
+    images, labels = digits
+    data = tmp_path / "images"
+    for i in range(40):
+        (data / str(labels[i])).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[i]).save(data / str(labels[i]) / f"{i}.png")
+    (data / "0" / "export-log.txt").write_text("not an image")
+    sha256 = build_split_model(build_run_config(RUN_CONFIG)).weights_sha256
+    logger = logging.getLogger("client.site_data")
+    monkeypatch.setattr(logger, "propagate", False)
+    logger.addHandler(caplog.handler)
+    try:
+        for run_id, warned in ((1, True), (1, False), (2, True)):
+            monkeypatch.setattr(client.site_data, "_NOTED", set())  # a deployment's ClientApp: a new process per message
+            caplog.clear()
+            context = _context(tmp_path, data)
+            context.run_id = run_id
+            assert not app(_message("evaluate", sha256), context).has_error()
+            noted = [r.getMessage() for r in caplog.records if r.name == "client.site_data" and r.levelno == logging.WARNING]
+            assert [("export-log.txt" in note) for note in noted] == ([True] if warned else []), (run_id, noted)
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert sorted(p.name for p in (tmp_path / "site-state" / "data-notes").iterdir()) == ["1.json", "2.json"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import numpy as np
@@ -137,6 +138,97 @@ def test_a_site_s_warnings_are_logged_once_a_process_and_not_at_all_where_the_ca
     first = _site_warnings(caplog, tmp_path)
     assert len(first) == 1 and "ignored 1 file that is not an image fedhead reads" in first[0]
     assert _site_warnings(caplog, tmp_path) == []  # a ClientApp loads its data every round: the site log says it once
+
+
+_NOTE_LOGGERS = ("client.site_data", "common.data_formats")
+
+
+def _notes_logged(caplog, path, **options) -> dict[int, list[str]]:
+    """{level: messages} that the site loader and the reader log while loading ``path`` (handlers on the loggers themselves)."""
+    loggers = [logging.getLogger(name) for name in _NOTE_LOGGERS]
+    propagate = [logger.propagate for logger in loggers]
+    caplog.clear()
+    with contextlib.ExitStack() as stack:
+        for logger in loggers:
+            logger.addHandler(caplog.handler)
+            logger.propagate = False
+            stack.callback(logger.removeHandler, caplog.handler)
+            stack.enter_context(caplog.at_level(logging.DEBUG, logger=logger.name))
+        try:
+            load_site_data(path, build_run_config(classes="a,b", val_fraction=0.25), **options)
+        finally:
+            for logger, was in zip(loggers, propagate):
+                logger.propagate = was
+    by_level: dict[int, list[str]] = {logging.WARNING: [], logging.DEBUG: []}
+    for record in caplog.records:
+        if record.name in _NOTE_LOGGERS and record.levelno in by_level:
+            by_level[record.levelno].append(record.getMessage())
+    return by_level
+
+
+def _site_with_notes(root, digits):
+    """A two-class folder with one unreadable image and one file that is not an image: three notes to log."""
+    _two_class_folder(root, digits)
+    (root / "a" / "broken.png").write_bytes(b"not an image")
+    (root / "a" / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_a_deployment_site_logs_its_data_notes_at_warning_once_a_run_though_each_message_is_a_fresh_process(
+    tmp_path, digits, caplog, monkeypatch
+):
+    import client.site_data
+
+    data, state = _site_with_notes(tmp_path / "data", digits), tmp_path / "state"
+
+    def message(run_id: str) -> dict[int, list[str]]:
+        monkeypatch.setattr(client.site_data, "_NOTED", set())  # a fresh ClientApp process
+        return _notes_logged(caplog, data, state_dir=state, run_id=run_id)
+
+    first = message("101")
+    assert len(first[logging.WARNING]) == 3
+    assert first[logging.WARNING][0].startswith(f"skipping {data / 'a' / 'broken.png'}: not an image")
+    assert "ignored 1 file that is not an image fedhead reads" in first[logging.WARNING][1]
+    assert first[logging.WARNING][2] == f"{data}: skipped 1 unreadable image files (listed above)"
+    again = message("101")
+    assert again[logging.WARNING] == [] and again[logging.DEBUG] == first[logging.WARNING]  # still there at DEBUG
+    assert message("102")[logging.WARNING] == first[logging.WARNING]  # a new run says it again
+    assert sorted(p.name for p in (state / "data-notes").iterdir()) == ["101.json", "102.json"]
+
+
+def test_a_state_dir_that_cannot_hold_the_marker_logs_the_notes_every_message_and_loads_the_data(tmp_path, digits, caplog, monkeypatch):
+    import client.site_data
+
+    data, state = _site_with_notes(tmp_path / "data", digits), tmp_path / "state"
+    state.write_text("a file where a folder should be")
+    for _ in range(2):
+        monkeypatch.setattr(client.site_data, "_NOTED", set())
+        assert len(_notes_logged(caplog, data, state_dir=state, run_id="101")[logging.WARNING]) == 3
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"noted": [1, ["a"], "0000"]}', "[]"])
+def test_a_damaged_marker_is_rewritten_and_the_notes_logged_again(tmp_path, digits, caplog, monkeypatch, content):
+    import client.site_data
+
+    data, state = _site_with_notes(tmp_path / "data", digits), tmp_path / "state"
+    (state / "data-notes").mkdir(parents=True)
+    (state / "data-notes" / "101.json").write_text(content)
+    for warnings in (3, 0):
+        monkeypatch.setattr(client.site_data, "_NOTED", set())
+        assert len(_notes_logged(caplog, data, state_dir=state, run_id="101")[logging.WARNING]) == warnings
+
+
+def test_the_reader_s_lines_are_logged_at_warning_when_the_data_is_refused(tmp_path, caplog, monkeypatch):
+    import client.site_data
+
+    monkeypatch.setattr(client.site_data, "_NOTED", set())
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "broken.png").write_bytes(b"not an image")
+    with pytest.raises(DataError, match="holds no training images"):
+        _notes_logged(caplog, tmp_path, state_dir=tmp_path / "state", run_id="101")
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        f"skipping {tmp_path / 'a' / 'broken.png'}: not an image file that PIL can identify"
+    ]
 
 
 def test_files_beside_train_and_val_are_named_not_dropped(tmp_path, digits):
