@@ -11,9 +11,7 @@ a restarted SuperNode and a new run on the same data all continue the same sum.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from client.privacy_ledger import PrivacyLedger
 from client.privacy_policy import SitePolicy, check_round, load_policy
 from common.config import RunConfig
 from common.errors import ConfigError
-from common.files import atomic_path
+from common.files import atomic_path, remove_stale_siblings
 from common.privacy import DPEvent, calibrate_noise_multiplier, epsilon_spent
 from common.protocol import PrivacyReport
 from common.site_config import SiteConfig
@@ -115,12 +113,8 @@ def _read_optimizer_state(path: Path | None) -> dict | None:
 
 def _remove_stale_states(kept: Path) -> None:
     """Remove the other runs' optimizer states beside ``kept`` not written for OPTIMIZER_STATE_DAYS days."""
-    cutoff = time.time() - OPTIMIZER_STATE_DAYS * 86400
-    for path in kept.parent.glob("*.pt"):
-        with contextlib.suppress(OSError):  # another round of that run may be writing or removing it
-            if path != kept and path.stat().st_mtime < cutoff:
-                path.unlink()
-                log.info("removed %s, the optimizer state of a run that ended (untouched for %d days)", path.name, OPTIMIZER_STATE_DAYS)
+    for path in remove_stale_siblings(kept, "*.pt", days=OPTIMIZER_STATE_DAYS):
+        log.info("removed %s, the optimizer state of a run that ended (untouched for %d days)", path.name, OPTIMIZER_STATE_DAYS)
 
 
 def train_round_privately(

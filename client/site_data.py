@@ -29,7 +29,6 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 
 import torch
 
@@ -38,8 +37,9 @@ from common.data_formats import (
     SkippedFile, Split, check_labels, empty_classes, image_to_uint8, read_manifest, read_npz, read_site_folder,
 )
 from common.errors import DataError
-from common.files import write_json_atomic
+from common.files import remove_stale_siblings, write_json_atomic
 from common.image_files import describe_ignored
+from common.logs import HeldRecords
 
 __all__ = ["SiteData", "Split", "SkippedFile", "image_to_uint8", "load_site_data"]
 
@@ -144,7 +144,7 @@ def load_site_data(
     (``fedhead site check`` prints them itself).
     """
     path = Path(path)
-    with _HeldRecords(_READER_LOGGERS) as held:  # on a failure they are let through as they were
+    with HeldRecords(_READER_LOGGERS) as held:  # on a failure they are let through as they were
         train, val, skipped, notes = _read_and_check(path, cfg)
     summary = [f"skipped {len(skipped)} unreadable image files (listed above)"] if skipped else []
     lines = [record.getMessage() for record in held.notes] + [f"{path}: {note}" for note in notes + summary]
@@ -184,44 +184,9 @@ def _read_and_check(path: Path, cfg: RunConfig) -> tuple[Split, Split, list[Skip
 _READER_LOGGERS = ("common.data_formats", "common.dicom")
 
 
-class _HeldRecords(logging.Filter):
-    """Holds the named loggers' WARNING (and above) records during a block: the data notes, for the caller to log at
-    the level it chooses (:meth:`pass_on`). Lower records go through; if the block raises, the held ones go as they were."""
-
-    def __init__(self, names: Sequence[str]) -> None:
-        super().__init__()
-        self.loggers = [logging.getLogger(n) for n in names]
-        self.notes: list[logging.LogRecord] = []
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.WARNING:
-            return True
-        self.notes.append(record)
-        return False
-
-    def __enter__(self) -> _HeldRecords:
-        for logger in self.loggers:
-            logger.addFilter(self)
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        for logger in self.loggers:
-            logger.removeFilter(self)
-        if kind is not None:
-            for record in self.notes:
-                self.pass_on(record, record.levelno)
-
-    @staticmethod
-    def pass_on(record: logging.LogRecord, level: int) -> None:
-        """Log ``record`` through its own logger at ``level``, if that logger logs ``level``."""
-        logger = logging.getLogger(record.name)
-        if logger.isEnabledFor(level):
-            record.levelno, record.levelname = level, logging.getLevelName(level)
-            logger.handle(record)
-
-
 _NOTED: set[tuple[str, str]] = set()  # (data path, note) logged at WARNING in this process
 _NOTES_DIR = "data-notes"  # in a site's state-dir: <run id>.json, digests of the notes a run has logged at WARNING
+_NOTES_DAYS = 7  # a marker untouched this long belongs to a run that has ended
 
 
 def _note_levels(path: Path, notes: Sequence[str], *, shown_by_caller: bool, state_dir: Path | None, run_id: str | None) -> list[int]:
@@ -255,6 +220,7 @@ def _first_in_run(marker: Path, where: str, notes: list[str]) -> list[str]:
     if new:
         try:
             write_json_atomic(marker, {"noted": sorted(logged | {digests[note] for note in new})})
+            remove_stale_siblings(marker, "*.json", days=_NOTES_DAYS)  # other runs' markers, of runs that have ended
         except OSError as exc:  # never fail a round over a log marker: the notes are logged, and may be again
             log.debug("cannot write %s (%s); later messages of this run will log its data notes again", marker, exc)
     return new

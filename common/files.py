@@ -11,13 +11,14 @@ import contextlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from common.errors import ConfigError
 
-__all__ = ["atomic_path", "write_bytes_atomic", "write_text_atomic", "write_json_atomic", "ensure_writable_dir"]
+__all__ = ["atomic_path", "write_bytes_atomic", "write_text_atomic", "write_json_atomic", "ensure_writable_dir", "remove_stale_siblings"]
 
 
 @contextlib.contextmanager
@@ -77,3 +78,18 @@ def ensure_writable_dir(path: str | os.PathLike, what: str) -> Path:
             f"choose a folder this user can write, or fix its permissions"
         ) from None
     return folder.resolve()
+
+
+def remove_stale_siblings(kept: Path, pattern: str, *, days: float) -> list[Path]:
+    """Remove the files matching ``pattern`` beside ``kept`` (not ``kept`` itself) untouched for ``days`` days; return them.
+
+    For per-run files a site keeps in its state-dir: a run that has ended never
+    touches its file again. A file another process is writing or removing is left.
+    """
+    cutoff, removed = time.time() - days * 86400, []
+    for path in kept.parent.glob(pattern):
+        with contextlib.suppress(OSError):
+            if path != kept and path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed.append(path)
+    return removed

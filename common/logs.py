@@ -5,11 +5,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from types import TracebackType
 
 from common.errors import ConfigError
 
-__all__ = ["configure_logging", "held_logs", "LOG_LEVELS"]
+__all__ = ["configure_logging", "held_logs", "HeldRecords", "LOG_LEVELS"]
 
 log = logging.getLogger(__name__)
 
@@ -62,3 +63,39 @@ def held_logs(name: str) -> Iterator[None]:
         logger.removeFilter(hold)
         for record in hold.records:
             log.debug("%s: %s", name, record.getMessage(), exc_info=record.exc_info)
+
+
+class HeldRecords(logging.Filter):
+    """Holds the named loggers' WARNING (and above) records during a ``with`` block, for the caller to log each at
+    the level it chooses (:meth:`pass_on`). Lower records go through; if the block raises, the held ones go as they were."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        super().__init__()
+        self.loggers = [logging.getLogger(n) for n in names]
+        self.notes: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        self.notes.append(record)
+        return False
+
+    def __enter__(self) -> HeldRecords:
+        for logger in self.loggers:
+            logger.addFilter(self)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        for logger in self.loggers:
+            logger.removeFilter(self)
+        if kind is not None:
+            for record in self.notes:
+                self.pass_on(record, record.levelno)
+
+    @staticmethod
+    def pass_on(record: logging.LogRecord, level: int) -> None:
+        """Log ``record`` through its own logger at ``level``, if that logger logs ``level``."""
+        logger = logging.getLogger(record.name)
+        if logger.isEnabledFor(level):
+            record.levelno, record.levelname = level, logging.getLevelName(level)
+            logger.handle(record)

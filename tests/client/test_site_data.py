@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import time
 
 import numpy as np
 import pytest
@@ -194,6 +196,10 @@ def test_a_deployment_site_logs_its_data_notes_at_warning_once_a_run_though_each
     assert again[logging.WARNING] == [] and again[logging.DEBUG] == first[logging.WARNING]  # still there at DEBUG
     assert message("102")[logging.WARNING] == first[logging.WARNING]  # a new run says it again
     assert sorted(p.name for p in (state / "data-notes").iterdir()) == ["101.json", "102.json"]
+    week_ago = time.time() - 8 * 86400
+    os.utime(state / "data-notes" / "101.json", (week_ago, week_ago))  # a run that has ended
+    message("103")
+    assert sorted(p.name for p in (state / "data-notes").iterdir()) == ["102.json", "103.json"]
 
 
 def test_a_state_dir_that_cannot_hold_the_marker_logs_the_notes_every_message_and_loads_the_data(tmp_path, digits, caplog, monkeypatch):
