@@ -56,15 +56,14 @@ def check(
     from client.site_data import load_site_data
     from client.site_report import check_warnings, image_kinds
     from common.config import build_run_config
-    from common.logs import held_logs
 
     if delta is not None and not 0.0 < delta < 1.0:  # NaN fails too
         report_problem(f"--delta {delta}: must be in (0, 1), e.g. --delta 1e-5")
         raise typer.Exit(ExitCode.BAD_INPUT)
     names, origin = _class_names(data_dir, classes)
     cfg = build_run_config({"classes": ",".join(names)} if names else {})
-    with held_logs("common.data_formats"):  # each skipped file is named below, once
-        site = load_site_data(data_dir, cfg, name="site", warnings_shown_by_caller=True)
+    # each skipped file is named below, once: the reader's own lines go to DEBUG (at WARNING if nothing can be trained on)
+    site = load_site_data(data_dir, cfg, name="site", warnings_shown_by_caller=True)
     console = stdout_console()
     console.print(f"{data_dir}: {len(site.train)} training and {len(site.val)} validation images")
     console.print(f"classes, in label order ({origin}): {', '.join(cfg.class_names)}")

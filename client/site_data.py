@@ -23,9 +23,11 @@ server's held-out evaluation and the benchmark loaders.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,11 +149,13 @@ def load_site_data(
     with HeldRecords(_READER_LOGGERS) as held:  # on a failure they are let through as they were
         train, val, skipped, notes = _read_and_check(path, cfg)
     summary = [f"skipped {len(skipped)} unreadable image files (listed above)"] if skipped else []
-    lines = [record.getMessage() for record in held.notes] + [f"{path}: {note}" for note in notes + summary]
-    levels = _note_levels(path, lines, shown_by_caller=warnings_shown_by_caller, state_dir=state_dir, run_id=run_id)
-    for record, level in zip(held.notes, levels):
+    own = [f"{path}: {note}" for note in notes + summary]
+    # the caller shows the skipped files and the notes; pydicom's warnings about a file it does not
+    shown = [warnings_shown_by_caller and r.name != "common.dicom" for r in held.records] + [warnings_shown_by_caller] * len(own)
+    levels = _note_levels(path, [r.getMessage() for r in held.records] + own, shown, state_dir=state_dir, run_id=run_id)
+    for record, level in zip(held.records, levels):
         held.pass_on(record, level)
-    for line, level in zip(lines[len(held.notes):], levels[len(held.notes):]):
+    for line, level in zip(own, levels[len(held.records):]):
         log.log(level, "%s", line)
     return SiteData(name=name, source=str(path), train=train, val=val, skipped=skipped, warnings=notes)
 
@@ -189,20 +193,19 @@ _NOTES_DIR = "data-notes"  # in a site's state-dir: <run id>.json, digests of th
 _NOTES_DAYS = 7  # a marker untouched this long belongs to a run that has ended
 
 
-def _note_levels(path: Path, notes: Sequence[str], *, shown_by_caller: bool, state_dir: Path | None, run_id: str | None) -> list[int]:
-    """Per note about ``path``: WARNING where neither this process nor (given ``state_dir`` and ``run_id``) an earlier
-    message of the run has logged it, and the caller does not show it; else DEBUG."""
-    if shown_by_caller:
-        return [logging.DEBUG] * len(notes)
+def _note_levels(path: Path, notes: Sequence[str], shown: Sequence[bool], *, state_dir: Path | None, run_id: str | None) -> list[int]:
+    """Per note about ``path``: DEBUG where the caller ``shown`` it or this process or (given ``state_dir`` and
+    ``run_id``) an earlier message of the run has logged it; else WARNING."""
     where = str(path.resolve())
-    fresh = [note for note in dict.fromkeys(notes) if (where, note) not in _NOTED]
+    fresh = [note for note in dict.fromkeys(n for n, by_caller in zip(notes, shown) if not by_caller) if (where, note) not in _NOTED]
     _NOTED.update((where, note) for note in fresh)
     if fresh and state_dir is not None and run_id is not None:
         fresh = _first_in_run(Path(state_dir) / _NOTES_DIR / f"{run_id}.json", where, fresh)
     unlogged, levels = set(fresh), []
-    for note in notes:
-        levels.append(logging.WARNING if note in unlogged else logging.DEBUG)
-        unlogged.discard(note)
+    for note, by_caller in zip(notes, shown):
+        levels.append(logging.WARNING if note in unlogged and not by_caller else logging.DEBUG)
+        if not by_caller:
+            unlogged.discard(note)
     return levels
 
 
@@ -217,7 +220,10 @@ def _first_in_run(marker: Path, where: str, notes: list[str]) -> list[str]:
         log.debug("cannot read %s (%s); logging this run's data notes again", marker, exc)
         logged = set()
     new = [note for note in notes if digests[note] not in logged]
-    if new:
+    if not new:
+        with contextlib.suppress(OSError):  # a run still going touches its marker, so it is never taken for stale
+            os.utime(marker)
+    else:
         try:
             write_json_atomic(marker, {"noted": sorted(logged | {digests[note] for note in new})})
             remove_stale_siblings(marker, "*.json", days=_NOTES_DAYS)  # other runs' markers, of runs that have ended

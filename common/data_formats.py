@@ -205,6 +205,9 @@ def read_image(path: str | Path, *, dicom: bool = False) -> tuple[torch.Tensor, 
             if suffix not in _PIL_ONLY_SUFFIXES or not looks_like_dicom(path):
                 raise
             array, kind = _read_dicom_file(path)  # a DICOM file under a PNG's or JPEG's name
+        else:
+            if kind.format == "TIFF" and suffix in _PIL_ONLY_SUFFIXES and looks_like_dicom(path):
+                array, kind = _read_dicom_file(path)  # a DICOM whose preamble is a TIFF, under a PNG's name
     tensor = torch.from_numpy(array.copy())
     return (tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1)), kind
 

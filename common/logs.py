@@ -66,18 +66,18 @@ def held_logs(name: str) -> Iterator[None]:
 
 
 class HeldRecords(logging.Filter):
-    """Holds the named loggers' WARNING (and above) records during a ``with`` block, for the caller to log each at
-    the level it chooses (:meth:`pass_on`). Lower records go through; if the block raises, the held ones go as they were."""
+    """Holds the named loggers' WARNING records during a ``with`` block, for the caller to log each at the level it
+    chooses (:meth:`pass_on`). Other levels go through; if the block raises, the held ones go as they were."""
 
     def __init__(self, names: Sequence[str]) -> None:
         super().__init__()
         self.loggers = [logging.getLogger(n) for n in names]
-        self.notes: list[logging.LogRecord] = []
+        self.records: list[logging.LogRecord] = []
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.WARNING:
+        if record.levelno != logging.WARNING:
             return True
-        self.notes.append(record)
+        self.records.append(record)
         return False
 
     def __enter__(self) -> HeldRecords:
@@ -89,7 +89,7 @@ class HeldRecords(logging.Filter):
         for logger in self.loggers:
             logger.removeFilter(self)
         if kind is not None:
-            for record in self.notes:
+            for record in self.records:
                 self.pass_on(record, record.levelno)
 
     @staticmethod

@@ -142,7 +142,7 @@ def test_a_site_s_warnings_are_logged_once_a_process_and_not_at_all_where_the_ca
     assert _site_warnings(caplog, tmp_path) == []  # a ClientApp loads its data every round: the site log says it once
 
 
-_NOTE_LOGGERS = ("client.site_data", "common.data_formats")
+_NOTE_LOGGERS = ("client.site_data", "common.data_formats", "common.dicom")
 
 
 def _notes_logged(caplog, path, **options) -> dict[int, list[str]]:
@@ -196,10 +196,28 @@ def test_a_deployment_site_logs_its_data_notes_at_warning_once_a_run_though_each
     assert again[logging.WARNING] == [] and again[logging.DEBUG] == first[logging.WARNING]  # still there at DEBUG
     assert message("102")[logging.WARNING] == first[logging.WARNING]  # a new run says it again
     assert sorted(p.name for p in (state / "data-notes").iterdir()) == ["101.json", "102.json"]
-    week_ago = time.time() - 8 * 86400
-    os.utime(state / "data-notes" / "101.json", (week_ago, week_ago))  # a run that has ended
+    week_ago, marker = time.time() - 8 * 86400, state / "data-notes" / "101.json"
+    os.utime(marker, (week_ago, week_ago))
+    assert message("101")[logging.WARNING] == []  # run 101 goes on after a week: its marker is touched
     message("103")
-    assert sorted(p.name for p in (state / "data-notes").iterdir()) == ["102.json", "103.json"]
+    assert sorted(p.name for p in (state / "data-notes").iterdir()) == ["101.json", "102.json", "103.json"]
+    os.utime(marker, (week_ago, week_ago))  # run 101 has ended
+    message("104")
+    assert sorted(p.name for p in (state / "data-notes").iterdir()) == ["102.json", "103.json", "104.json"]
+
+
+def test_a_caller_that_shows_the_skipped_files_and_notes_still_gets_pydicom_s_warnings(tmp_path, digits, caplog):
+    pydicom = pytest.importorskip("pydicom", reason="DICOM is the optional extra fedhead[dicom]")
+    from tests.dicom_files import write_dicom
+
+    data = _site_with_notes(tmp_path / "data", digits)
+    padded = write_dicom(data / "b" / "padded.dcm", np.arange(64, dtype=np.uint16).reshape(8, 8) * 64, bits_stored=12)
+    ds = pydicom.dcmread(padded)
+    ds.PixelData += b"\x00" * 4  # pydicom reads it, warning of the excess padding
+    ds.save_as(padded)
+    logged = _notes_logged(caplog, data, warnings_shown_by_caller=True)  # fedhead site check
+    assert len(logged[logging.WARNING]) == 1 and logged[logging.WARNING][0].startswith(f"{padded}: pydicom: The pixel data")
+    assert any(line.startswith(f"skipping {data / 'a' / 'broken.png'}") for line in logged[logging.DEBUG])
 
 
 def test_a_state_dir_that_cannot_hold_the_marker_logs_the_notes_every_message_and_loads_the_data(tmp_path, digits, caplog, monkeypatch):

@@ -192,7 +192,7 @@ def _tiff_preamble() -> bytes:
     return tiff.ljust(128, b"\x00")
 
 
-@pytest.mark.parametrize("name", ["IM0001", "IM0001.dcm", "IM0001.tif"])
+@pytest.mark.parametrize("name", ["IM0001", "IM0001.dcm", "IM0001.tif", "scan.png"])
 def test_a_dicom_file_whose_preamble_is_a_tiff_is_read_as_dicom(tmp_path, name):
     from PIL import Image
 

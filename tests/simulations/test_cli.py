@@ -120,6 +120,16 @@ def test_site_check_lists_every_skipped_file_with_its_reason(tmp_path):
     assert lines[1].startswith(f"fedhead: skipped {tmp_path / 'b' / 'broken.png'}: ") and len(lines[1]) > len(f"fedhead: skipped {tmp_path / 'b' / 'broken.png'}: ")
 
 
+def test_a_site_with_no_readable_image_names_each_file_it_skipped(tmp_path):
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / f"{name}.png").write_text("not an image")
+    out = _fedhead("site", "check", str(tmp_path))
+    assert out.returncode == 2 and "holds no training images (2 image files were skipped as unreadable)" in out.stderr
+    for name in ("one", "two"):
+        assert out.stderr.count(f"{tmp_path / name / name}.png: not an image file that PIL can identify") == 1, out.stderr
+
+
 def test_readme_lists_exactly_the_commands_of_fedhead_help(capsys):
     from simulations.runner import project_root
 
