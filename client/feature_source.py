@@ -144,7 +144,8 @@ def build_feature_source(
 
         def compute(view: int = view) -> torch.Tensor:
             images = split.images if view == 0 else augment(split.images, seed=seed * 1009 + view)
-            log.info("%s: computing backbone features for %d images (view %d, %s)", label, len(split), view, extraction.describe())
+            if len(split):
+                log.info("%s: computing backbone features for %d images (view %d, %s)", label, len(split), view, extraction.describe())
             return extract_features(model.trunk, model.preprocessing, images, extraction=extraction, description=label)
 
         lookup = cache.get_or_compute(parts, len(split), compute)

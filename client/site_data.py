@@ -119,7 +119,7 @@ def _data_warnings(train: Split, val: Split, cfg: RunConfig, *, carved: bool) ->
     missing = empty_classes(train, cfg.class_names)
     if missing:
         notes.append(f"no training images of {len(missing)} of {cfg.num_classes} classes ({', '.join(missing)}); fine for a non-IID site, else check the data")
-    if len(val) == 0:
+    if len(val) == 0 and cfg.val_fraction > 0:  # val-fraction 0: no validation split is what was asked for
         notes.append(_empty_validation(train, cfg, carved))
     return notes
 

@@ -69,6 +69,16 @@ def test_sixteen_bit_and_mixed_channel_images_keep_their_contrast(tmp_path):
     assert rgb.shape == (3, 8, 8)
 
 
+@pytest.mark.parametrize("fraction", [0.0, 0.1])
+def test_an_empty_validation_split_is_a_warning_unless_val_fraction_0_asked_for_none(tmp_path, digits, fraction):
+    images, labels = digits
+    path = tmp_path / "site.npz"
+    np.savez(path, train_images=images[:40], train_labels=labels[:40] % 2, val_images=images[:0], val_labels=labels[:0])
+    site = load_site_data(path, build_run_config(classes="a,b", val_fraction=fraction))
+    assert len(site.train) == 40 and len(site.val) == 0
+    assert any("validation split is empty" in note for note in site.warnings) == (fraction > 0), site.warnings
+
+
 def test_a_site_without_validation_examples_still_trains_and_reports(tmp_path, digits):
     from client.feature_cache import FeatureCache
     from client.feature_source import build_feature_source
