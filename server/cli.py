@@ -231,14 +231,15 @@ def predict(
 
     try:
         predictor = load_predictor(run_dir, engine)
-        paths, ignored = find_images(images)
+        found = find_images(images)
+        paths, ignored = found.paths, found.ignored
         if not paths:
             raise FedHeadError(f"no image files under {', '.join(str(i) for i in images)}"
                                + (f" ({describe_ignored(ignored)})" if ignored else ""))
         if ignored:
             report_problem(f"warning: {describe_ignored(ignored)}")
         check_out_path(out, paths, predictor.model_dir)
-        predictions = run_predict(predictor, paths, top_k=top_k)
+        predictions = run_predict(predictor, paths, top_k=top_k, dicom=found.dicom)
         write_predictions(predictions, out)
     except (FedHeadError, OSError) as exc:
         report_problem(exc)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from common.logs import held_logs
 from common.progress import ProgressReporter
 
 __all__ = [
-    "ENGINES", "ImagePaths", "Prediction", "Predictor", "load_predictor", "check_out_path", "find_images", "image_paths", "predict",
+    "ENGINES", "FoundImages", "Prediction", "Predictor", "load_predictor", "check_out_path", "find_images", "image_paths", "predict",
     "write_predictions",
 ]
 
@@ -185,18 +185,19 @@ def check_out_path(out: Path, images: list[Path], model_dir: Path) -> None:
         raise DataError(f"--out {out} is one of the images to classify; write the CSV elsewhere")
 
 
-class ImagePaths(list[Path]):
-    """Image files to classify, in order; ``dicom``: those a folder listing found DICOM's marker in, read as DICOM
-    by :func:`predict` without looking again."""
+@dataclass
+class FoundImages:
+    """What :func:`find_images` found: the image files in order, the files ignored, and those of the image files
+    a folder listing already found DICOM's marker in (:func:`predict` reads them as DICOM without looking again)."""
 
-    def __init__(self, paths: Iterable[Path] = (), *, dicom: Iterable[Path] = ()) -> None:
-        super().__init__(paths)
-        self.dicom = frozenset(dicom)
+    paths: list[Path]
+    ignored: list[Path]
+    dicom: frozenset[Path]
 
 
-def find_images(targets: Iterable[Path]) -> tuple[ImagePaths, list[Path]]:
-    """(images, ignored): each file named, and under each folder named (recursively, sorted) the image files;
-    the folders' other files are ignored (:mod:`common.image_files`), hidden ones quietly."""
+def find_images(targets: Iterable[Path]) -> FoundImages:
+    """Each file named, and under each folder named (recursively, sorted) the image files; the folders' other
+    files are ignored (:mod:`common.image_files`), hidden ones quietly."""
     paths: list[Path] = []
     dicom: set[Path] = set()
     ignored: list[Path] = []
@@ -210,22 +211,23 @@ def find_images(targets: Iterable[Path]) -> tuple[ImagePaths, list[Path]]:
             paths.append(target)
         else:
             raise DataError(f"'{target}' is neither an image file nor a folder; check the path")
-    return ImagePaths(paths, dicom=dicom), ignored
+    return FoundImages(paths, ignored, frozenset(dicom))
 
 
-def image_paths(targets: Iterable[Path]) -> ImagePaths:
+def image_paths(targets: Iterable[Path]) -> list[Path]:
     """:func:`find_images`' image files."""
-    return find_images(targets)[0]
+    return find_images(targets).paths
 
 
-def predict(predictor: Predictor, paths: Sequence[Path], *, top_k: int = 3, batch_size: int = 64) -> list[Prediction]:
+def predict(
+    predictor: Predictor, paths: Sequence[Path], *, top_k: int = 3, batch_size: int = 64, dicom: Collection[Path] = frozenset(),
+) -> list[Prediction]:
     """Each image's top ``top_k`` classes with probabilities (softmax of the logits), in ``paths``' order.
 
     An unreadable image gets a row with the reason instead; a progress bar (or
-    a log line every 10 s) shows the images done. Files :func:`find_images` found
-    DICOM's marker in (``paths`` from it) are not looked at for it again.
+    a log line every 10 s) shows the images done. The files in ``dicom`` (a
+    :class:`FoundImages`' own) are read as DICOM without looking for its marker again.
     """
-    dicom = paths.dicom if isinstance(paths, ImagePaths) else frozenset()
     k = max(1, min(top_k, len(predictor.classes)))
     results: list[Prediction | None] = [None] * len(paths)
     pending: list[tuple[int, torch.Tensor]] = []

@@ -108,9 +108,9 @@ def test_a_dicom_without_extension_is_looked_at_for_dicom_s_marker_once(model_di
     folder = tmp_path / "scans"
     folder.mkdir()
     scan = write_dicom(folder / "IM0001.dcm", np.arange(64, dtype=np.uint16).reshape(8, 8) * 64, bits_stored=12).rename(folder / "IM0001")
-    paths, ignored = find_images([folder if named == "folder" else scan])
-    predictions = predict(load_predictor(model_dir, "torch"), paths)
-    assert [(p.path, p.error) for p in predictions] == [(str(scan), "")] and ignored == []
+    found = find_images([folder if named == "folder" else scan])
+    predictions = predict(load_predictor(model_dir, "torch"), found.paths, dicom=found.dicom)
+    assert [(p.path, p.error) for p in predictions] == [(str(scan), "")] and found.ignored == []
     assert looked == [str(scan)]
 
 

@@ -163,6 +163,10 @@ def test_a_run_that_loses_a_site_is_degraded_names_it_and_exits_3_and_uncached_p
     assert fwd["by_site"]["site-0"]["train"] == fwd["train_images_by_site"]["site-0"] * 2 * 2  # rounds x epochs
 
 
+# float32 logits through MobileNetV2: onnxruntime's kernels (which it picks by thread count) land up to about 1e-4
+# from PyTorch's (1.03e-4 seen once in CI); a fault in the export or its preprocessing is off by whole units
+EXPORT_TOLERANCE = 5e-4
+
 def test_predict_reproduces_the_held_out_accuracy_from_image_files(cached_run, tmp_path):
     """`fedhead predict` on the held-out images written as PNG files, prepared only as the manifest says."""
     from PIL import Image
@@ -176,7 +180,7 @@ def test_predict_reproduces_the_held_out_accuracy_from_image_files(cached_run, t
     assert manifest["input"]["normalisation"]["inside_model"] and manifest["input"]["value_range"] == [0.0, 1.0]
     assert manifest["output"]["classes"] == [str(d) for d in range(10)] and manifest["errors"] == {}
     assert manifest["checks"]["inputs"] == "64 of the server's held-out images"
-    assert max(manifest["checks"]["max_abs_difference_from_pytorch"].values()) < 1e-4
+    assert max(manifest["checks"]["max_abs_difference_from_pytorch"].values()) < EXPORT_TOLERANCE
 
     held_out = load_benchmark(build_run_config(DIGITS), cached_run.run_dir.parent.parent / "state" / "data")
     folder = tmp_path / "held-out"
@@ -199,7 +203,7 @@ def test_predict_reproduces_the_held_out_accuracy_from_image_files(cached_run, t
     paths = image_paths([folder])[:64]
     onnx, program = load_predictor(cached_run.run_dir, "onnx"), load_predictor(cached_run.run_dir, "torch")
     batch = torch.stack([onnx.prepare(torch.from_numpy(np.array(Image.open(p)))[None]) for p in paths])
-    assert float((onnx.logits(batch) - program.logits(batch)).abs().max()) <= 1e-4
+    assert float((onnx.logits(batch) - program.logits(batch)).abs().max()) <= EXPORT_TOLERANCE
 
 
 @pytest.mark.parametrize(("change", "says"), [
