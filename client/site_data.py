@@ -142,8 +142,9 @@ def load_site_data(
     process loads the data (a ClientApp loads it every round) and, given
     ``state_dir`` and ``run_id``, the first time in that run (a deployment's
     ClientApp is a fresh process for every message: a marker in the state-dir
-    remembers them), else at DEBUG; all at DEBUG when ``warnings_shown_by_caller``
-    (``fedhead site check`` prints them itself).
+    remembers them), else at DEBUG; at DEBUG when ``warnings_shown_by_caller``
+    (``fedhead site check`` prints the skipped files and warnings itself; pydicom's
+    own warnings about a file still follow the rule above).
     """
     path = Path(path)
     with HeldRecords(_READER_LOGGERS) as held:  # on a failure they are let through as they were
@@ -194,8 +195,8 @@ _NOTES_DAYS = 7  # a marker untouched this long belongs to a run that has ended
 
 
 def _note_levels(path: Path, notes: Sequence[str], shown: Sequence[bool], *, state_dir: Path | None, run_id: str | None) -> list[int]:
-    """Per note about ``path``: DEBUG where the caller ``shown`` it or this process or (given ``state_dir`` and
-    ``run_id``) an earlier message of the run has logged it; else WARNING."""
+    """Per note about ``path``: DEBUG where the caller shows it (``shown``) or this process or (given ``state_dir``
+    and ``run_id``) an earlier message of the run has logged it; else WARNING."""
     where = str(path.resolve())
     fresh = [note for note in dict.fromkeys(n for n, by_caller in zip(notes, shown) if not by_caller) if (where, note) not in _NOTED]
     _NOTED.update((where, note) for note in fresh)
