@@ -40,38 +40,15 @@ def configure_logging(level: str | None = None) -> None:
         flwr_logger.setLevel(logging.INFO)
 
 
-class _Hold(logging.Filter):
-    """Keeps a logger's records instead of letting them through."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        self.records.append(record)
-        return False
-
-
-@contextlib.contextmanager
-def held_logs(name: str) -> Iterator[None]:
-    """Hold back logger ``name``'s own records for the block (the caller reports what they say), then log them at DEBUG."""
-    logger, hold = logging.getLogger(name), _Hold()
-    logger.addFilter(hold)
-    try:
-        yield
-    finally:
-        logger.removeFilter(hold)
-        for record in hold.records:
-            log.debug("%s: %s", name, record.getMessage(), exc_info=record.exc_info)
-
-
 class HeldRecords(logging.Filter):
     """Holds the named loggers' WARNING records during a ``with`` block, for the caller to log each at the level it
-    chooses (:meth:`pass_on`). Other levels go through; if the block raises, the held ones go as they were."""
+    chooses (:meth:`pass_on`). Other levels go through; if the block raises, the held ones go as they were, unless
+    ``release_on_error`` is false."""
 
-    def __init__(self, names: Sequence[str]) -> None:
+    def __init__(self, names: Sequence[str], *, release_on_error: bool = True) -> None:
         super().__init__()
         self.loggers = [logging.getLogger(n) for n in names]
+        self.release_on_error = release_on_error
         self.records: list[logging.LogRecord] = []
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -88,7 +65,7 @@ class HeldRecords(logging.Filter):
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         for logger in self.loggers:
             logger.removeFilter(self)
-        if kind is not None:
+        if kind is not None and self.release_on_error:
             for record in self.records:
                 self.pass_on(record, record.levelno)
 
@@ -99,3 +76,15 @@ class HeldRecords(logging.Filter):
         if logger.isEnabledFor(level):
             record.levelno, record.levelname = level, logging.getLevelName(level)
             logger.handle(record)
+
+
+@contextlib.contextmanager
+def held_logs(name: str) -> Iterator[None]:
+    """Hold back logger ``name``'s WARNING records for the block (the caller reports what they say), then log them
+    at DEBUG, whether or not the block raises."""
+    with HeldRecords([name], release_on_error=False) as held:
+        try:
+            yield
+        finally:
+            for record in held.records:
+                log.debug("%s: %s", name, record.getMessage(), exc_info=record.exc_info)
