@@ -23,6 +23,7 @@ from flwr.clientapp import ClientApp
 
 from client.clipping_mod import clip_when_asked
 from client.feature_cache import FeatureCache
+from client.feature_centre import CentredFeatures, centred_head, feature_mean
 from client.feature_source import FeatureSource, build_feature_source
 from client.privacy_ledger import PrivacyLedger
 from client.receipts import sign_train_reply
@@ -157,7 +158,8 @@ def _train(site: _Site) -> RecordDict:
     # The site's policy and budget are checked before any feature is computed or any step taken.
     ledger = PrivacyLedger.in_state_dir(site.site_cfg.state_dir) if cfg.records_dp else None
     plan = (
-        plan_round(cfg, num_examples=len(data.train), data_fingerprint=data.records_fingerprint(), ledger=ledger)
+        plan_round(cfg, num_examples=len(data.train), data_fingerprint=data.records_fingerprint(), ledger=ledger,
+                   run_id=site.run_id, feature_dim=site.model.spec.feature_dim)
         if ledger is not None
         else None
     )
@@ -165,25 +167,29 @@ def _train(site: _Site) -> RecordDict:
     train_source = site.features("train", cfg.augment_views)
     val_source = site.features("val", 0)
     privacy = None
+    state_dir = Path(site.site_cfg.state_dir)
     if plan is not None and ledger is not None:
         report, privacy = train_round_privately(
             site.model.trainable, train_source, data.train.labels, cfg,
             plan=plan, ledger=ledger, run_id=site.run_id,
             server_round=site.instruction.server_round, proximal_mu=site.instruction.proximal_mu,
-            optimizer_state_file=(Path(site.site_cfg.state_dir) / "dp-optimizer" / f"{site.run_id}.pt"
-                                  if cfg.keep_optimizer_state else None),
+            optimizer_state_file=state_dir / "dp-optimizer" / f"{site.run_id}.pt" if cfg.keep_optimizer_state else None,
+            centre_file=state_dir / "feature-centre" / f"{site.run_id}.pt" if cfg.centre_features else None,
         )
     else:
-        report = train_locally(
-            site.model.trainable,
-            train_source,
-            data.train.labels,
-            val_source,
-            data.val.labels,
-            cfg,
-            server_round=site.instruction.server_round,
-            proximal_mu=site.instruction.proximal_mu,
-        )
+        # Without record-level DP the exact mean: nothing of it leaves the site but through the trained head.
+        centre = feature_mean(train_source) if cfg.centre_features else None
+        with centred_head(site.model.trainable, centre):
+            report = train_locally(
+                site.model.trainable,
+                train_source if centre is None else CentredFeatures(train_source, centre),
+                data.train.labels,
+                val_source if centre is None else CentredFeatures(val_source, centre),
+                data.val.labels,
+                cfg,
+                server_round=site.instruction.server_round,
+                proximal_mu=site.instruction.proximal_mu,
+            )
     metrics = TrainMetrics(
         num_examples=report.num_examples,
         train_loss=None if privacy else report.train_loss,  # under DP the loss on the site's records is not released

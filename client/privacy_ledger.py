@@ -2,7 +2,10 @@
 
 ``<state-dir>/privacy-ledger.json`` holds, per data fingerprint (the sha256
 of the site's training data), one entry per local training: run id, server
-round, attempt, time, and the :class:`~common.privacy.DPEvent`. The lifetime
+round, attempt, time, and the :class:`~common.privacy.DPEvent`. An entry of
+another mechanism names it (``"mechanism": "feature-mean"``, the release of
+the site's feature mean, see client.feature_centre); entries without the key
+are DP-SGD. The lifetime
 epsilon of that data is the composition of all its entries, across rounds,
 restarted processes and runs; the run epsilon composes one run's entries.
 
@@ -35,12 +38,15 @@ from common.files import write_json_atomic
 from common.hashing import sha256_json
 from common.privacy import DPEvent, PrivacyError, epsilon_spent
 
-__all__ = ["LEDGER_FILE", "LedgerError", "LedgerEntry", "PrivacyLedger"]
+__all__ = ["LEDGER_FILE", "DP_SGD", "FEATURE_MEAN", "MECHANISMS", "LedgerError", "LedgerEntry", "PrivacyLedger"]
 
 LEDGER_FILE = "privacy-ledger.json"
 _FORMAT, _VERSION = "fedhead-privacy-ledger", 1
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _ENTRY_KEYS = {"run_id", "server_round", "attempt", "recorded_at", "event"}
+DP_SGD = "dp-sgd"
+FEATURE_MEAN = "feature-mean"  # the private release of a site's feature mean (client.feature_centre)
+MECHANISMS = (DP_SGD, FEATURE_MEAN)
 
 
 class LedgerError(FedHeadError, ValueError):
@@ -49,17 +55,19 @@ class LedgerError(FedHeadError, ValueError):
 
 @dataclass(frozen=True)
 class LedgerEntry:
-    """One local training on the fingerprinted data."""
+    """One local training (or another release, ``mechanism``) on the fingerprinted data."""
 
     run_id: str
     server_round: int
     attempt: int
     recorded_at: str
     event: DPEvent
+    mechanism: str = DP_SGD
 
     def to_json(self) -> dict[str, Any]:
-        return {"run_id": self.run_id, "server_round": self.server_round, "attempt": self.attempt,
-                "recorded_at": self.recorded_at, "event": self.event.to_json()}
+        entry = {"run_id": self.run_id, "server_round": self.server_round, "attempt": self.attempt,
+                 "recorded_at": self.recorded_at, "event": self.event.to_json()}
+        return entry if self.mechanism == DP_SGD else {**entry, "mechanism": self.mechanism}
 
 
 def _check_fingerprint(data_fingerprint: str) -> str:
@@ -69,9 +77,13 @@ def _check_fingerprint(data_fingerprint: str) -> str:
 
 
 def _parse_entry(raw: Any, where: str, problems: list[str]) -> LedgerEntry | None:
-    if not isinstance(raw, dict) or set(raw) != _ENTRY_KEYS:
+    if not isinstance(raw, dict) or set(raw) - {"mechanism"} != _ENTRY_KEYS:
         keys = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
-        problems.append(f"{where}: expected keys {sorted(_ENTRY_KEYS)}, found {keys}")
+        problems.append(f"{where}: expected keys {sorted(_ENTRY_KEYS)} (and optionally 'mechanism'), found {keys}")
+        return None
+    mechanism = raw.get("mechanism", DP_SGD)
+    if mechanism not in MECHANISMS:
+        problems.append(f"{where}: mechanism {mechanism!r} is not one of {', '.join(MECHANISMS)}")
         return None
     bad = [k for k, ok in (
         ("run_id", isinstance(raw["run_id"], str) and bool(raw["run_id"])),
@@ -87,7 +99,7 @@ def _parse_entry(raw: Any, where: str, problems: list[str]) -> LedgerEntry | Non
     except PrivacyError as exc:
         problems.append(f"{where}: {exc}")
         return None
-    return LedgerEntry(raw["run_id"], raw["server_round"], raw["attempt"], raw["recorded_at"], event)
+    return LedgerEntry(raw["run_id"], raw["server_round"], raw["attempt"], raw["recorded_at"], event, mechanism)
 
 
 class PrivacyLedger:
@@ -140,9 +152,9 @@ class PrivacyLedger:
                 continue
             parsed = [_parse_entry(raw, f"dataset {fingerprint[:12]} entry {i}", problems) for i, raw in enumerate(raw_entries)]
             entries[fingerprint] = [e for e in parsed if e is not None]
-            seen: dict[tuple[str, int], int] = {}
+            seen: dict[tuple[str, int, str], int] = {}
             for entry in entries[fingerprint]:
-                key = (entry.run_id, entry.server_round)
+                key = (entry.run_id, entry.server_round, entry.mechanism)
                 seen[key] = seen.get(key, 0) + 1
                 if entry.attempt != seen[key]:
                     problems.append(f"dataset {fingerprint[:12]}: run {entry.run_id} round {entry.server_round} "
@@ -161,17 +173,19 @@ class PrivacyLedger:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def entries(self, data_fingerprint: str, *, run_id: str | None = None) -> list[LedgerEntry]:
-        """The entries of this data (of one run when ``run_id`` is given), oldest first."""
+    def entries(self, data_fingerprint: str, *, run_id: str | None = None, mechanism: str | None = None) -> list[LedgerEntry]:
+        """The entries of this data (of one run, of one mechanism, when given), oldest first."""
         found = self._entries.get(_check_fingerprint(data_fingerprint), [])
-        return [e for e in found if run_id is None or e.run_id == run_id]
+        return [e for e in found if run_id in (None, e.run_id) and mechanism in (None, e.mechanism)]
 
     def events(self, data_fingerprint: str, *, run_id: str | None = None) -> list[DPEvent]:
         """The DP events of this data (of one run when ``run_id`` is given)."""
         return [e.event for e in self.entries(data_fingerprint, run_id=run_id)]
 
-    def record(self, data_fingerprint: str, *, run_id: str, server_round: int, event: DPEvent) -> LedgerEntry:
-        """Append one training's event (re-reading the file under a lock) and write the ledger atomically."""
+    def record(
+        self, data_fingerprint: str, *, run_id: str, server_round: int, event: DPEvent, mechanism: str = DP_SGD
+    ) -> LedgerEntry:
+        """Append one training's (or ``mechanism``'s) event (re-reading the file under a lock) and write the ledger atomically."""
         _check_fingerprint(data_fingerprint)
         if not isinstance(run_id, str) or not run_id:
             raise LedgerError(f"run id {run_id!r}: give a non-empty string")
@@ -179,11 +193,13 @@ class PrivacyLedger:
             raise LedgerError(f"server round {server_round!r}: give an integer >= 0")
         if not isinstance(event, DPEvent):
             raise LedgerError(f"event {event!r} is not a DPEvent")
+        if mechanism not in MECHANISMS:
+            raise LedgerError(f"mechanism {mechanism!r}: choose one of {', '.join(MECHANISMS)}")
         with self._locked():
             self._entries = self._read()
             mine = self._entries.setdefault(data_fingerprint, [])
-            attempt = 1 + sum(1 for e in mine if (e.run_id, e.server_round) == (run_id, server_round))
-            entry = LedgerEntry(run_id, server_round, attempt, datetime.now(timezone.utc).isoformat(timespec="seconds"), event)
+            attempt = 1 + sum(1 for e in mine if (e.run_id, e.server_round, e.mechanism) == (run_id, server_round, mechanism))
+            entry = LedgerEntry(run_id, server_round, attempt, datetime.now(timezone.utc).isoformat(timespec="seconds"), event, mechanism)
             mine.append(entry)
             datasets = {fp: [e.to_json() for e in found] for fp, found in self._entries.items()}
             write_json_atomic(self.path, {"format": _FORMAT, "version": _VERSION, "datasets": datasets, "sha256": sha256_json(datasets)})

@@ -330,14 +330,17 @@ class _Verifier:
         """A site's epsilon for this run: at least what its recorded events compose to (a rejected round also spends)."""
         target = self.privacy.get("target_epsilon")
         event = DPEvent.from_json(privacy["event"])
-        if event.noise_multiplier < MIN_AUDITED_NOISE or event.steps > MAX_AUDITED_STEPS:
-            # Such an event's epsilon is in the hundreds; recomputing it can take the accountant hours and gigabytes.
-            self.problem(where, f"round {number}, {name}: DP event with noise multiplier {event.noise_multiplier:g} and "
-                                f"{event.steps} steps, outside what is recomputed (noise multiplier >= {MIN_AUDITED_NOISE:g}, "
-                                f"steps <= {MAX_AUDITED_STEPS:,}): this site's privacy is unverified")
-            return
+        spent = [DPEvent.from_json(privacy["feature_mean_release"])] if "feature_mean_release" in privacy else []
+        spent.append(event)
+        for each in spent:
+            if each.noise_multiplier < MIN_AUDITED_NOISE or each.steps > MAX_AUDITED_STEPS:
+                # Such an event's epsilon is in the hundreds; recomputing it can take the accountant hours and gigabytes.
+                self.problem(where, f"round {number}, {name}: DP event with noise multiplier {each.noise_multiplier:g} and "
+                                    f"{each.steps} steps, outside what is recomputed (noise multiplier >= {MIN_AUDITED_NOISE:g}, "
+                                    f"steps <= {MAX_AUDITED_STEPS:,}): this site's privacy is unverified")
+                return
         events = self.site_events.setdefault(name, [])
-        events.append(event)
+        events.extend(spent)
         expected = independent_epsilon(events, delta=privacy["delta"], accountant=event.accountant)
         reported = _number(privacy["epsilon_run"])
         self.report.epsilons_checked += 1

@@ -103,6 +103,10 @@ class RunConfig:
     target_delta: float = 1e-5
     max_grad_norm: float = 1.0
     keep_optimizer_state: bool = False  # DP-SGD: each site continues its optimizer's moments across a run's rounds (kept in its state-dir)
+    # each site trains its head on its features minus their mean; under record-level DP a private release (client.feature_centre)
+    centre_features: bool = False
+    centre_noise_multiplier: float = 20.0  # the release's Gaussian noise, in units of centre-clip-norm
+    centre_clip_norm: float = 40.0  # each image's features clipped to this L2 norm for the release
     central_clipping: str = "server"  # who clips each site's update to central-clip-norm: the server or the site
     central_clip_norm: float = 1.0
     central_noise_multiplier: float = 0.0  # 0: calibrated so that the run ends at target-epsilon
@@ -238,6 +242,10 @@ def _problems(cfg: RunConfig) -> list[str]:
     need(cfg.feature_views == "one" or cfg.unfreeze_blocks == 0,
          f"'feature-views' = {cfg.feature_views!r} averages the trunk's pooled features, so it needs 'unfreeze-blocks' = 0 "
          f"(it is {cfg.unfreeze_blocks}); use feature-views='one' to train open stages")
+    need(not cfg.centre_features or cfg.unfreeze_blocks == 0,
+         f"'centre-features' centres the trunk's features for the head, so it needs 'unfreeze-blocks' = 0 (it is {cfg.unfreeze_blocks})")
+    need(0 < cfg.centre_noise_multiplier <= 1e6, f"'centre-noise-multiplier' = {cfg.centre_noise_multiplier}: must be in (0, 1e6]")
+    need(cfg.centre_clip_norm > 0, f"'centre-clip-norm' = {cfg.centre_clip_norm}: must be > 0")
     need(cfg.dataset in DATASETS, f"'dataset' = {cfg.dataset!r}: choose one of {', '.join(DATASETS)}")
     need(cfg.partitioner in PARTITIONERS, f"'partitioner' = {cfg.partitioner!r}: choose one of {', '.join(PARTITIONERS)}")
     need(cfg.dirichlet_alpha > 0, f"'dirichlet-alpha' = {cfg.dirichlet_alpha}: must be > 0")

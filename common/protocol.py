@@ -160,32 +160,47 @@ def short_repr(value: object, limit: int = 60) -> str:
 
 @dataclass(frozen=True)
 class PrivacyReport:
-    """A site's record-level DP for one round: the DP-SGD event it ran and what it has spent.
+    """A site's record-level DP for one round: the events it ran and what it has spent.
 
-    ``epsilon_run`` composes this run's events at this site; ``epsilon_lifetime``
-    every event on the same data in the site's ledger, across runs.
+    ``event`` is the round's DP-SGD; ``release``, in the round that made it,
+    the Gaussian release of the site's feature mean (run-config
+    ``centre-features``: sample rate 1, one step, clip norm and noise of its
+    own). ``epsilon_run`` composes this run's events at this site;
+    ``epsilon_lifetime`` every event on the same data in the site's ledger,
+    across runs.
     """
 
     event: DPEvent
     delta: float
     epsilon_run: float
     epsilon_lifetime: float
+    release: DPEvent | None = None
 
     _KEYS = ("noise-multiplier", "sample-rate", "steps", "max-grad-norm", "accountant", "delta", "epsilon-run", "epsilon-lifetime")
+    _RELEASE_KEYS = ("feature-mean-noise-multiplier", "feature-mean-clip-norm")
+
+    @property
+    def events(self) -> tuple[DPEvent, ...]:
+        """This round's events, in the order they ran."""
+        return (self.event,) if self.release is None else (self.release, self.event)
 
     def to_record(self) -> ConfigRecord:
         """The PRIVACY_RECORD a train reply carries."""
         e = self.event
-        return ConfigRecord(dict(zip(self._KEYS, (
+        record = dict(zip(self._KEYS, (
             float(e.noise_multiplier), float(e.sample_rate), int(e.steps), float(e.max_grad_norm), e.accountant,
             float(self.delta), float(self.epsilon_run), float(self.epsilon_lifetime),
-        ))))
+        )))
+        if self.release is not None:
+            record.update(zip(self._RELEASE_KEYS, (float(self.release.noise_multiplier), float(self.release.max_grad_norm))))
+        return ConfigRecord(record)
 
     @classmethod
     def from_record(cls, record: ConfigRecord, problems: list[str]) -> "PrivacyReport | None":
         """Parse a PRIVACY_RECORD; append every problem to ``problems`` and return None on any."""
         before = len(problems)
-        extra, missing = sorted(set(record) - set(cls._KEYS)), sorted(set(cls._KEYS) - set(record))
+        optional = set(cls._RELEASE_KEYS) if set(cls._RELEASE_KEYS) <= set(record) else set()
+        extra, missing = sorted(set(record) - set(cls._KEYS) - optional), sorted(set(cls._KEYS) - set(record))
         if extra or missing:
             problems.append(f"privacy record keys differ: missing {missing}, unexpected {extra}")
             return None
@@ -203,17 +218,22 @@ class PrivacyReport:
                 noise_multiplier=record["noise-multiplier"], sample_rate=record["sample-rate"],
                 steps=record["steps"], max_grad_norm=record["max-grad-norm"], accountant=record["accountant"],
             )
+            release = None if not optional else DPEvent(
+                noise_multiplier=record["feature-mean-noise-multiplier"], sample_rate=1.0, steps=1,
+                max_grad_norm=record["feature-mean-clip-norm"], accountant=record["accountant"],
+            )
         except (PrivacyError, TypeError) as exc:
             problems.append(str(exc))
             return None
         if len(problems) > before:
             return None
-        return cls(event, numbers["delta"], numbers["epsilon-run"], numbers["epsilon-lifetime"])
+        return cls(event, numbers["delta"], numbers["epsilon-run"], numbers["epsilon-lifetime"], release)
 
     def to_json(self) -> dict:
-        """As stored in a round record."""
-        return {"event": self.event.to_json(), "delta": self.delta, "epsilon_run": self.epsilon_run,
-                "epsilon_lifetime": self.epsilon_lifetime}
+        """As stored in a round record (``feature_mean_release`` only in the round that made one)."""
+        stored = {"event": self.event.to_json(), "delta": self.delta, "epsilon_run": self.epsilon_run,
+                  "epsilon_lifetime": self.epsilon_lifetime}
+        return stored if self.release is None else {**stored, "feature_mean_release": self.release.to_json()}
 
 
 def receipt_payload(

@@ -115,7 +115,7 @@ class CheckedStrategy(Strategy):
                 if understated:
                     self._problem(server_round, "train", msg, ReplyError([understated]))
                     continue
-                self._dp_events.setdefault(reply.node_id, []).append(reply.privacy.event)
+                self._dp_events.setdefault(reply.node_id, []).extend(reply.privacy.events)
             norm = update_l2_norm(reply.arrays, reference) if reference is not None else float("nan")
             unclipped = self._unclipped(norm)
             if unclipped:
@@ -175,7 +175,7 @@ class CheckedStrategy(Strategy):
         may be higher (a rejected round still spent budget), never lower.
         """
         privacy = reply.privacy
-        events = [*self._dp_events.get(reply.node_id, []), privacy.event]
+        events = [*self._dp_events.get(reply.node_id, []), *privacy.events]
         floor = epsilon_spent(events, delta=privacy.delta, accountant=privacy.event.accountant)
         if privacy.epsilon_run < floor * (1 - 1e-6):
             return (

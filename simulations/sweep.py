@@ -1,8 +1,9 @@
 """``fedhead privacy-sweep``: the default task without DP and at several target epsilons, in one table.
 
 Every run averages each image's features over its mirrored and shifted
-views (``feature-views='mirror-shift'``) unless ``--run-config`` says
-otherwise. Each point is a full ``fedhead simulate`` run (record-level DP-SGD at every
+views (``feature-views='mirror-shift'``) and centres them on the site's
+mean (``centre-features``, a private release under DP) unless
+``--run-config`` says otherwise. Each point is a full ``fedhead simulate`` run (record-level DP-SGD at every
 site for the DP points) under ``runs/<name>/``; the sweep writes
 ``sweep.json``, a Markdown table ``sweep.md`` and ``accuracy_vs_epsilon.png``
 beside them.
@@ -27,7 +28,7 @@ __all__ = ["run_privacy_sweep", "privacy_sweep"]
 log = logging.getLogger(__name__)
 
 # every point of the sweep, DP or not: the features that did best under DP (README, "Differential privacy at each site")
-SWEEP_RUN_CONFIG = {"feature-views": "mirror-shift"}
+SWEEP_RUN_CONFIG = {"feature-views": "mirror-shift", "centre-features": True}
 
 
 def _point(label: str, epsilon: float | None, summary: Mapping[str, Any]) -> dict[str, Any]:
@@ -111,7 +112,7 @@ def privacy_sweep(
     epsilons: Annotated[str, typer.Option(help="Comma-separated target epsilons.")] = "1,3,8",
     sites: Annotated[int, typer.Option(min=1, help="Number of simulated sites.")] = 4,
     name: Annotated[str, typer.Option(help="Folder under run-dir holding the sweep's runs.")] = "privacy-sweep",
-    run_config: Annotated[str, typer.Option("--run-config", metavar="'K=V ...'", help="Overrides for every run, on top of feature-views='mirror-shift' (each image's features averaged over 6 mirrored and shifted views; feature-views='one' for plain features).")] = "",
+    run_config: Annotated[str, typer.Option("--run-config", metavar="'K=V ...'", help="Overrides for every run, on top of feature-views='mirror-shift' (each image's features averaged over 6 mirrored and shifted views; feature-views='one' for plain features) and centre-features=true (each site's features centred on their mean; false to keep them as they are).")] = "",
     dp_config: Annotated[str, typer.Option("--dp-config", metavar="'K=V ...'", help="Extra overrides for the DP runs only.")] = "dp-sample-rate=0.0667 lr=0.01 accountant='prv' keep-optimizer-state=true",
 ) -> None:
     """Run the task without DP and at each target epsilon; print and write the accuracy-epsilon table."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -130,3 +132,50 @@ def test_all_the_server_receives_is_the_head_the_declared_numbers_and_signatures
     assert set(evaluate["metrics"]) <= set(metric_keys(EvaluateMetrics))
     assert set(evaluate["class-recall"]) <= {str(c) for c in range(10)}
     assert all(0.0 <= v <= 1.0 for v in evaluate["class-recall"].values())
+
+
+@contextlib.contextmanager
+def _client_logs(caplog):
+    """The ClientApp's records (its logging keeps fedhead's loggers from propagating to the root)."""
+    logger = logging.getLogger("client")
+    logger.addHandler(caplog.handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(caplog.handler)
+
+
+def test_a_centred_run_releases_its_feature_mean_once_and_ends_at_its_target(tmp_path, digits_npz, model, caplog):
+    """``centre-features``: round 1 releases the mean (an event in the ledger and the reply), later rounds reuse it."""
+    context = _context(tmp_path, digits_npz)
+    # 1,000 images: a useful release needs little noise (2.5 * sqrt(1280) / 1000 = 0.09 of the clip norm), which costs 1.7
+    context.run_config = {**RUN_CONFIG, "centre-features": True, "centre-noise-multiplier": 2.5, "num-server-rounds": 3,
+                          "target-epsilon": 6.0}
+    replies = [_parse(model, app(_train(model, r), context), server_round=r).privacy for r in (1, 2)]
+    release = replies[0].release
+    assert release == DPEvent(2.5, 1.0, 1, 40.0, "rdp") and replies[1].release is None
+    kept = tmp_path / "state" / "feature-centre" / "1.pt"
+    assert kept.is_file()
+    kept.unlink()  # lost between rounds: the site trains uncentred rather than release (and spend) again
+    with _client_logs(caplog):
+        replies.append(_parse(model, app(_train(model, 3), context), server_round=3).privacy)
+    assert "trains on uncentred features rather than spend budget on it again" in caplog.text
+    assert replies[2].release is None and not kept.exists()
+    events = [release, *(p.event for p in replies)]
+    assert len({e.noise_multiplier for e in events[1:]}) == 1  # one calibration for the run, release included
+    assert replies[2].epsilon_run == pytest.approx(independent_epsilon(events, delta=1e-5), rel=1e-6)
+    assert 6.0 * 0.99 <= replies[2].epsilon_run <= 6.0  # the release is inside the run's target
+    ledger = json.loads((tmp_path / "state" / "privacy-ledger.json").read_text())
+    [entries] = ledger["datasets"].values()
+    assert [(e["server_round"], e.get("mechanism", "dp-sgd"), e["attempt"]) for e in entries] == [
+        (1, "feature-mean", 1), (1, "dp-sgd", 1), (2, "dp-sgd", 1), (3, "dp-sgd", 1)]
+
+
+def test_a_site_with_too_few_images_for_a_useful_private_mean_releases_none(tmp_path, digits_npz, model, caplog):
+    context = _context(tmp_path, digits_npz)
+    context.run_config = {**RUN_CONFIG, "centre-features": True}  # noise 20: 0.72 of the clip norm for 1,000 images
+    with _client_logs(caplog):
+        privacy = _parse(model, app(_train(model, 1), context)).privacy
+    assert privacy.release is None and "1000 training images are too few" in caplog.text
+    assert not (tmp_path / "state" / "feature-centre").exists()
+    assert privacy.epsilon_run == pytest.approx(independent_epsilon([privacy.event], delta=1e-5), rel=1e-6)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from client.privacy_ledger import LEDGER_FILE, LedgerError, PrivacyLedger
+from client.privacy_ledger import FEATURE_MEAN, LEDGER_FILE, LedgerError, PrivacyLedger
 from common.hashing import sha256_json
 from common.privacy import DPEvent, epsilon_spent, independent_epsilon
 
@@ -111,3 +111,23 @@ def test_bad_arguments_are_refused(tmp_path):
         ledger.record("abc", run_id="r", server_round=1, event=_event(1.5))
     with pytest.raises(LedgerError, match="run id"):
         ledger.record(DATA_A, run_id="", server_round=1, event=_event(1.5))
+
+
+def test_a_feature_mean_release_is_its_own_mechanism_in_the_sum(tmp_path):
+    release = DPEvent(20.0, 1.0, 1, 40.0, "rdp")
+    ledger = PrivacyLedger(tmp_path / LEDGER_FILE).load()
+    ledger.record(DATA_A, run_id="r", server_round=1, event=release, mechanism=FEATURE_MEAN)
+    trained = ledger.record(DATA_A, run_id="r", server_round=1, event=_event(1.5))
+    assert trained.attempt == 1  # the round's training is its first, beside the release
+    assert [e.event for e in PrivacyLedger(ledger.path).load().entries(DATA_A, mechanism=FEATURE_MEAN)] == [release]
+    assert ledger.run_epsilon(DATA_A, run_id="r", delta=1e-5, accountant="rdp") == epsilon_spent(
+        [release, _event(1.5)], delta=1e-5, accountant="rdp")
+    data = json.loads(ledger.path.read_text())
+    assert [e.get("mechanism") for e in data["datasets"][DATA_A]] == ["feature-mean", None]  # DP-SGD entries as before
+    data["datasets"][DATA_A][0]["mechanism"] = "gossip"
+    data["sha256"] = sha256_json(data["datasets"])
+    ledger.path.write_text(json.dumps(data))
+    with pytest.raises(LedgerError, match="mechanism 'gossip' is not one of dp-sgd, feature-mean"):
+        PrivacyLedger(ledger.path).load()
+    with pytest.raises(LedgerError, match="mechanism"):
+        PrivacyLedger(tmp_path / "other.json").record(DATA_A, run_id="r", server_round=1, event=release, mechanism="gossip")

@@ -32,6 +32,7 @@ NODES = (21, 22)
 EVAL = {"num-examples": 10, "backbone-forwards-eval": 0, "eval-loss": 1.0, "eval-accuracy": 0.5,
         "eval-precision": 0.5, "eval-recall": 0.5, "eval-f1": 0.5}
 EVENT = DPEvent(1.1, 0.05, 40, 1.0, "rdp")
+RELEASE = DPEvent(5.0, 1.0, 1, 40.0, "rdp")  # site-22's feature-mean release, in its first round
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +54,11 @@ def signed_run(tmp_path_factory):
         if msg.metadata.message_type == "evaluate":
             return Message(RecordDict({"metrics": MetricRecord(EVAL), "site": site.to_record()}), reply_to=msg)
         rounds_done[node] = rounds_done.get(node, 0) + 1
-        events = [EVENT] * rounds_done[node]
+        releases = [RELEASE] if node == 22 else []
+        events = [*releases, *[EVENT] * rounds_done[node]]
         epsilon = epsilon_spent(events, delta=cfg.target_delta, accountant="rdp")
-        privacy = PrivacyReport(EVENT, cfg.target_delta, epsilon, epsilon)
+        release = releases[0] if releases and rounds_done[node] == 1 else None
+        privacy = PrivacyReport(EVENT, cfg.target_delta, epsilon, epsilon, release=release)
         arrays = ArrayRecord({k: Array(v.numpy() + np.float32(0.001 * node)) for k, v in msg.content["arrays"].items()})
         metrics = TrainMetrics(num_examples=100, train_loss=None, epochs_run=1, backbone_forwards_train=100,
                                backbone_forwards_eval=0, cache_hits=0, seconds=1.0)
@@ -187,6 +190,20 @@ def test_a_log_re_signed_by_another_key_fails_against_the_pinned_one_and_a_wrong
     # the site signed its real epsilon: the server's own key cannot make it say another
     assert any(p.startswith(f"record {index} ") and "site-22: the site's signature does not match" in p
                for p in unpinned.problems)
+
+
+def test_an_epsilon_that_leaves_out_a_recorded_feature_mean_release_is_named(signed_run, tmp_path):
+    run_dir = _copy(signed_run, tmp_path)
+    records = _records(run_dir)
+    index = _first_round(records)
+    privacy = records[index]["content"]["record"]["sites"]["site-22"]["train"]["privacy"]
+    assert privacy["feature_mean_release"] == RELEASE.to_json()
+    privacy["epsilon_run"] = epsilon_spent([EVENT], delta=1e-5, accountant="rdp")  # the DP-SGD alone
+    _resign(records, load_or_create_key(signed_run[2] / "keys" / "server-audit.pem"))
+    _write(run_dir, records)
+    problems = verify_run(run_dir, key=signed_run[1]).problems
+    assert any(p.startswith(f"record {index} ") and "site-22: reported epsilon" in p and "its 2 recorded DP events" in p
+               for p in problems), problems
 
 
 def test_a_log_re_signed_by_another_key_disagrees_with_the_run_folders_server_pub(signed_run, tmp_path):

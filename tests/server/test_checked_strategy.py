@@ -125,21 +125,24 @@ def test_a_site_understating_its_epsilon_is_rejected(model):
         FedAvg(), layout=trainable_layout(model.trainable), backbone_sha256=model.weights_sha256,
         max_examples=1000, recorder=recorder, require_privacy=True,
     )
-    strategy.configure_train(1, to_arrayrecord(model.trainable), ConfigRecord(), ScriptedGrid([1, 2], lambda m: None))
-    event = DPEvent(1.2, 0.05, 40, 1.0, "rdp")
+    strategy.configure_train(1, to_arrayrecord(model.trainable), ConfigRecord(), ScriptedGrid([1, 2, 3, 4], lambda m: None))
+    event, release = DPEvent(1.2, 0.05, 40, 1.0, "rdp"), DPEvent(2.0, 1.0, 1, 40.0, "rdp")
     honest = epsilon_spent([event], delta=1e-5, accountant="rdp")
+    with_release = epsilon_spent([release, event], delta=1e-5, accountant="rdp")
     w = np.ones((10, 1280), np.float32)
     replies = []
-    for node, claimed in ((1, honest), (2, honest / 2)):
+    # site 3 leaves its feature-mean release out of its figure; site 4 counts it
+    for node, claimed, released in ((1, honest, None), (2, honest / 2, None), (3, honest, release), (4, with_release, release)):
         arrays = ArrayRecord({"head.weight": Array(w), "head.bias": Array(np.zeros(10, np.float32))})
-        privacy = PrivacyReport(event, 1e-5, claimed, claimed)
+        privacy = PrivacyReport(event, 1e-5, claimed, claimed, release=released)
         content = build_train_content(arrays, _metrics(10), SiteInfo(f"site-{node}", model.weights_sha256), privacy)
         replies.append(Message(content=content, reply_to=_request(node)))
     strategy.aggregate_train(1, replies)
     record = recorder.finish(1, central_eval=None)
-    assert record.aggregated_sites == ["site-1"]
+    assert record.aggregated_sites == ["site-1", "site-4"]
     assert record.sites["site-1"].train.privacy["epsilon_run"] == pytest.approx(honest)
-    assert any(p.node_id == 2 and "compose to" in p.reasons[0] for p in record.problems)
+    assert record.sites["site-4"].train.privacy["feature_mean_release"] == release.to_json()
+    assert {p.node_id for p in record.problems if "compose to" in p.reasons[0]} == {2, 3}
 
 
 def test_enrolled_sites_are_named_by_the_enrolment_not_by_their_replies(model):
