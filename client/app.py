@@ -23,11 +23,11 @@ from flwr.clientapp import ClientApp
 
 from client.clipping_mod import clip_when_asked
 from client.feature_cache import FeatureCache
-from client.feature_centre import CentredFeatures, centred_head, feature_mean
+from client.feature_centre import CentredFeatures, centred_head, feature_mean, first_linear, keep_centre, read_kept_centre
 from client.feature_source import FeatureSource, build_feature_source
 from client.privacy_ledger import PrivacyLedger
 from client.receipts import sign_train_reply
-from client.privacy_round import check_policy, plan_round, train_round_privately
+from client.privacy_round import OPTIMIZER_STATE_DAYS, check_policy, plan_round, train_round_privately
 from client.site_data import SiteData, load_site_data
 from client.training import evaluate_with_class_recall, train_locally
 from common.config import RunConfig, build_run_config
@@ -152,6 +152,24 @@ def _answer(msg: Message, context: Context, handler: Callable[[_Site], RecordDic
         return Message(Error(code=_HANDLER_FAILED, reason=public_reason(exc)), reply_to=msg)
 
 
+def _centre_file(site: _Site, data_fingerprint: str) -> Path:
+    """Where this run keeps this site's feature mean (named by the run and the data)."""
+    return Path(site.site_cfg.state_dir) / "feature-centre" / f"{site.run_id}-{data_fingerprint[:16]}.pt"
+
+
+def _exact_centre(site: _Site, train_source: FeatureSource) -> torch.Tensor:
+    """Without record-level DP, the exact mean of the training features: computed once a run, kept for its later rounds.
+
+    Nothing of it leaves the site but through the trained head (which client-level DP, if on, covers).
+    """
+    path = _centre_file(site, site.data.records_fingerprint())
+    centre = read_kept_centre(path, feature_dim=first_linear(site.model.trainable).in_features)
+    if centre is None:
+        centre = feature_mean(train_source)
+        keep_centre(path, centre, stale_days=OPTIMIZER_STATE_DAYS)
+    return centre
+
+
 def _train(site: _Site) -> RecordDict:
     started = time.monotonic()
     cfg, data = site.cfg, site.data
@@ -174,11 +192,10 @@ def _train(site: _Site) -> RecordDict:
             plan=plan, ledger=ledger, run_id=site.run_id,
             server_round=site.instruction.server_round, proximal_mu=site.instruction.proximal_mu,
             optimizer_state_file=state_dir / "dp-optimizer" / f"{site.run_id}.pt" if cfg.keep_optimizer_state else None,
-            centre_file=state_dir / "feature-centre" / f"{site.run_id}.pt" if cfg.centre_features else None,
+            centre_file=_centre_file(site, plan.data_fingerprint) if cfg.centre_features else None,
         )
     else:
-        # Without record-level DP the exact mean: nothing of it leaves the site but through the trained head.
-        centre = feature_mean(train_source) if cfg.centre_features else None
+        centre = _exact_centre(site, train_source) if cfg.centre_features else None
         with centred_head(site.model.trainable, centre):
             report = train_locally(
                 site.model.trainable,

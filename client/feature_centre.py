@@ -23,6 +23,9 @@ with too few images for it to stay under a tenth of the clip norm (7,200 for
 MobileNetV2's 1,280 features at the defaults) would centre on noise, so it
 makes no release and trains on its plain features. Without record-level DP the
 exact mean is used (client-level DP covers whatever a site computes locally).
+
+FedProx's pull and weight decay act on the centred parameters (the anchors
+are taken after the shift): they bound the drift of ``W`` and ``b + W m``.
 """
 
 from __future__ import annotations
@@ -38,11 +41,11 @@ from torch import nn
 
 from client.feature_source import FeatureSource
 from common.config import RunConfig
-from common.errors import ConfigError
+from common.errors import ConfigError, FedHeadError
 from common.privacy import DPEvent
 
 __all__ = [
-    "MAX_NOISE_TO_CLIP", "CentredFeatures", "centre_event", "release_noise_to_clip", "feature_mean", "first_linear", "centred_head",
+    "MAX_NOISE_TO_CLIP", "CentringError", "CentredFeatures", "centre_event", "release_noise_to_clip", "feature_mean", "first_linear", "centred_head",
     "read_kept_centre", "keep_centre",
 ]
 
@@ -50,6 +53,10 @@ log = logging.getLogger(__name__)
 
 _BATCH = 4096
 MAX_NOISE_TO_CLIP = 0.1  # a private mean noisier than this (its expected error over the clip norm) is not released
+
+
+class CentringError(FedHeadError, ValueError):
+    """The site's features have no usable mean (none, or not finite)."""
 
 
 def centre_event(cfg: RunConfig) -> DPEvent:
@@ -78,7 +85,7 @@ def feature_mean(
     """
     n = len(source)
     if n == 0:
-        raise ValueError("no training images to take the feature mean of")
+        raise CentringError("no training images to take the feature mean of")
     if noise_multiplier > 0 and (clip is None or generator is None):
         raise ValueError("a noisy feature mean needs a clip norm and a (secret) generator")
     total: torch.Tensor | None = None
@@ -91,6 +98,9 @@ def feature_mean(
         part = rows.sum(0)
         total = part if total is None else total + part
     assert total is not None
+    if not bool(torch.isfinite(total).all()):  # before any noise: nothing is released
+        raise CentringError("the training images' features are not all finite: their mean cannot centre them; "
+                            "check the images and the backbone's weights")
     if noise_multiplier > 0:
         total = total + torch.normal(0.0, noise_multiplier * clip, total.shape, generator=generator)
     return total / n
@@ -103,13 +113,17 @@ class CentredFeatures(FeatureSource):
         self.source = source
         self.num_views = source.num_views
         self._centre = centre
+        self._placed: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
     def __len__(self) -> int:
         return len(self.source)
 
     def get(self, index: torch.Tensor, views: torch.Tensor | None = None) -> torch.Tensor:
         rows = self.source.get(index, views)
-        return rows - self._centre.to(rows.device, rows.dtype).view(rows.shape[1:])
+        key = (rows.device, rows.dtype)
+        if key not in self._placed:
+            self._placed[key] = self._centre.to(rows.device, rows.dtype).view(rows.shape[1:])
+        return rows - self._placed[key]
 
 
 def first_linear(trainable: nn.Module) -> nn.Linear:
@@ -145,24 +159,30 @@ def centred_head(trainable: nn.Module, centre: torch.Tensor | None) -> Iterator[
             layer.bias.sub_(layer.weight @ m)
 
 
-def read_kept_centre(path: Path) -> torch.Tensor | None:
-    """The feature mean an earlier round of this run released and kept at ``path``; None if missing or unreadable."""
+def read_kept_centre(path: Path, *, feature_dim: int) -> torch.Tensor | None:
+    """The feature mean an earlier round of this run kept at ``path``; None if missing, unreadable or of another size."""
     if not path.is_file():
         return None
     try:
         centre = torch.load(path, weights_only=True)
-        if not isinstance(centre, torch.Tensor) or centre.dim() != 1 or not bool(torch.isfinite(centre).all()):
-            raise ValueError("not a finite vector")
+        if not isinstance(centre, torch.Tensor) or centre.shape != (feature_dim,) or not bool(torch.isfinite(centre).all()):
+            raise ValueError(f"not a finite vector of {feature_dim} features")
     except Exception as exc:  # a damaged file: this run trains uncentred from here on; no budget is spent again
-        log.warning("%s cannot be read (%s)", path.name, type(exc).__name__)
+        log.warning("%s cannot be read (%s: %s)", path.name, type(exc).__name__, str(exc)[:120])
         return None
     os.utime(path)  # a live run's file: not taken for an ended run's (state-dir clean-up)
     return centre
 
 
-def keep_centre(path: Path, centre: torch.Tensor) -> None:
-    """Write the released feature mean to ``path`` atomically, for the run's later rounds."""
-    from common.files import atomic_path
+def keep_centre(path: Path, centre: torch.Tensor, *, stale_days: float = 7) -> None:
+    """Write the feature mean to ``path`` atomically, for the run's later rounds.
+
+    Other runs' kept means beside it untouched for ``stale_days`` days belong to
+    runs that have ended and are removed.
+    """
+    from common.files import atomic_path, remove_stale_siblings
 
     with atomic_path(path) as tmp:
         torch.save(centre.detach().cpu(), tmp)
+    for stale in remove_stale_siblings(path, "*.pt", days=stale_days):
+        log.info("removed %s, the feature mean of a run that ended (untouched for %g days)", stale.name, stale_days)

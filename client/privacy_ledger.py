@@ -186,6 +186,19 @@ class PrivacyLedger:
         self, data_fingerprint: str, *, run_id: str, server_round: int, event: DPEvent, mechanism: str = DP_SGD
     ) -> LedgerEntry:
         """Append one training's (or ``mechanism``'s) event (re-reading the file under a lock) and write the ledger atomically."""
+        entry = self._append(data_fingerprint, run_id=run_id, server_round=server_round, event=event, mechanism=mechanism, once=False)
+        assert entry is not None
+        return entry
+
+    def record_once(
+        self, data_fingerprint: str, *, run_id: str, server_round: int, event: DPEvent, mechanism: str
+    ) -> LedgerEntry | None:
+        """:meth:`record`, unless run ``run_id`` already has a ``mechanism`` entry for this data (checked under the lock): then None."""
+        return self._append(data_fingerprint, run_id=run_id, server_round=server_round, event=event, mechanism=mechanism, once=True)
+
+    def _append(
+        self, data_fingerprint: str, *, run_id: str, server_round: int, event: DPEvent, mechanism: str, once: bool
+    ) -> LedgerEntry | None:
         _check_fingerprint(data_fingerprint)
         if not isinstance(run_id, str) or not run_id:
             raise LedgerError(f"run id {run_id!r}: give a non-empty string")
@@ -198,6 +211,8 @@ class PrivacyLedger:
         with self._locked():
             self._entries = self._read()
             mine = self._entries.setdefault(data_fingerprint, [])
+            if once and any((e.run_id, e.mechanism) == (run_id, mechanism) for e in mine):
+                return None
             attempt = 1 + sum(1 for e in mine if (e.run_id, e.server_round, e.mechanism) == (run_id, server_round, mechanism))
             entry = LedgerEntry(run_id, server_round, attempt, datetime.now(timezone.utc).isoformat(timespec="seconds"), event, mechanism)
             mine.append(entry)

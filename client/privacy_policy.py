@@ -25,7 +25,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from client.privacy_ledger import PrivacyLedger
+from client.privacy_ledger import DP_SGD, PrivacyLedger
 from common.errors import ConfigError, FedHeadError
 
 __all__ = ["SitePolicy", "PolicyRefusal", "load_policy", "check_round", "describe"]
@@ -162,7 +162,7 @@ def describe(policy: SitePolicy, *, ledger: PrivacyLedger, data_fingerprint: str
         "min-examples": policy.min_examples,
         "allowed-backbones": list(policy.allowed_backbones) if policy.allowed_backbones is not None else None,
         "ledger": str(ledger.path),
-        "trainings-recorded": len(entries),
+        "trainings-recorded": sum(1 for e in entries if e.mechanism == DP_SGD),
         "runs-recorded": len({e.run_id for e in entries}),
         "delta": delta,
         "accountant": accountant,

@@ -23,8 +23,8 @@ import torch
 
 from client.dp_training import DPTrainReport, secret_generator, train_privately
 from client.feature_centre import (
-    MAX_NOISE_TO_CLIP, CentredFeatures, centre_event, centred_head, feature_mean, keep_centre, read_kept_centre,
-    release_noise_to_clip,
+    MAX_NOISE_TO_CLIP, CentredFeatures, centre_event, centred_head, feature_mean, first_linear, keep_centre,
+    read_kept_centre, release_noise_to_clip,
 )
 from client.feature_source import FeatureSource
 from client.privacy_ledger import FEATURE_MEAN, PrivacyLedger
@@ -32,7 +32,7 @@ from client.privacy_policy import SitePolicy, check_round, load_policy
 from common.config import RunConfig
 from common.errors import ConfigError
 from common.files import atomic_path, remove_stale_siblings
-from common.privacy import DPEvent, calibrate_noise_multiplier, epsilon_spent
+from common.privacy import BudgetError, DPEvent, calibrate_noise_multiplier, epsilon_spent
 from common.protocol import PrivacyReport
 from common.site_config import SiteConfig
 
@@ -82,14 +82,24 @@ def plan_round(
                  "%.2f of the clip norm, over %.2f): this site trains on its plain features and releases no mean",
                  num_examples, ratio, MAX_NOISE_TO_CLIP)
     centring = (centre_event(cfg),) if centred else ()
-    noise = calibrate_noise_multiplier(
-        target_epsilon=cfg.target_epsilon,
-        target_delta=cfg.target_delta,
-        sample_rate=sample_rate,
-        steps=steps * cfg.num_server_rounds,
-        accountant=cfg.accountant,
-        prior_events=centring,
-    )
+    try:
+        noise = calibrate_noise_multiplier(
+            target_epsilon=cfg.target_epsilon,
+            target_delta=cfg.target_delta,
+            sample_rate=sample_rate,
+            steps=steps * cfg.num_server_rounds,
+            accountant=cfg.accountant,
+            prior_events=centring,
+        )
+    except BudgetError as exc:
+        if not centring:
+            raise
+        alone = epsilon_spent(centring, delta=cfg.target_delta, accountant=cfg.accountant)
+        raise BudgetError(
+            f"the run's feature-mean release (centre-noise-multiplier {cfg.centre_noise_multiplier:g}) alone spends "
+            f"epsilon {alone:.4g} of the run's {cfg.target_epsilon:g}, leaving DP-SGD too little; raise "
+            f"centre-noise-multiplier or set centre-features=false ({exc})"
+        ) from None
     event = DPEvent(noise, sample_rate, steps, cfg.max_grad_norm, cfg.accountant)
     released = ledger.entries(data_fingerprint, run_id=run_id, mechanism=FEATURE_MEAN)
     release = centring[0] if centring and not released else None
@@ -152,22 +162,33 @@ def _remove_stale(kept: Path, what: str) -> None:
 
 def _run_centre(
     source: FeatureSource, cfg: RunConfig, *, plan: RoundPlan, ledger: PrivacyLedger, run_id: str, server_round: int,
-    centre_file: Path, generator: torch.Generator,
+    centre_file: Path, feature_dim: int, generator: torch.Generator,
 ) -> torch.Tensor | None:
-    """This run's private feature mean: released now if planned (recorded, then kept in ``centre_file``), else the kept one."""
-    if plan.release is None:
-        centre = read_kept_centre(centre_file)
-        if centre is None:
-            log.warning("round %d: this run released its feature mean in an earlier round, but the kept copy is missing "
-                        "or damaged; this round trains on uncentred features rather than spend budget on it again", server_round)
-        return centre
-    centre = feature_mean(source, clip=cfg.centre_clip_norm, noise_multiplier=cfg.centre_noise_multiplier, generator=generator)
-    ledger.record(plan.data_fingerprint, run_id=run_id, server_round=server_round, event=plan.release, mechanism=FEATURE_MEAN)
-    keep_centre(centre_file, centre)
-    _remove_stale(centre_file, "feature mean")
-    log.info("round %d: released this site's feature mean (Gaussian, noise %.3g x clip norm %.3g) for centring",
-             server_round, plan.release.noise_multiplier, plan.release.max_grad_norm)
+    """This run's private feature mean: released now if planned (recorded, then kept in ``centre_file``), else the kept one.
+
+    The release is recorded before the mean is used or kept, and at most once a
+    run (checked under the ledger's lock): a mean another process of the same
+    run released first is read from its kept copy instead.
+    """
+    if plan.release is not None:
+        centre = feature_mean(source, clip=cfg.centre_clip_norm, noise_multiplier=cfg.centre_noise_multiplier, generator=generator)
+        if ledger.record_once(plan.data_fingerprint, run_id=run_id, server_round=server_round, event=plan.release,
+                              mechanism=FEATURE_MEAN) is not None:
+            keep_centre(centre_file, centre, stale_days=OPTIMIZER_STATE_DAYS)
+            log.info("round %d: released this site's feature mean (Gaussian, noise %.3g x clip norm %.3g) for centring",
+                     server_round, plan.release.noise_multiplier, plan.release.max_grad_norm)
+            return centre
+    centre = read_kept_centre(centre_file, feature_dim=feature_dim)
+    if centre is None:
+        log.warning("round %d: this run released its feature mean already, but the kept copy is missing or damaged; "
+                    "this round trains on uncentred features rather than spend budget on it again", server_round)
     return centre
+
+
+def _run_release(ledger: PrivacyLedger, data_fingerprint: str, run_id: str) -> DPEvent | None:
+    """The feature-mean release of this run, if it made one (every reply after it carries it: a lost reply hides nothing)."""
+    released = ledger.entries(data_fingerprint, run_id=run_id, mechanism=FEATURE_MEAN)
+    return released[0].event if released else None
 
 
 def train_round_privately(
@@ -197,8 +218,9 @@ def train_round_privately(
     generator = secret_generator()
     centre = None
     if plan.centred and centre_file is not None:
+        feature_dim = first_linear(trainable).in_features  # a head that cannot be centred fails before any release
         centre = _run_centre(source, cfg, plan=plan, ledger=ledger, run_id=run_id, server_round=server_round,
-                             centre_file=centre_file, generator=generator)
+                             centre_file=centre_file, feature_dim=feature_dim, generator=generator)
     with centred_head(trainable, centre):
         report, event = train_privately(
             trainable, source if centre is None else CentredFeatures(source, centre), labels, cfg,
@@ -218,7 +240,7 @@ def train_round_privately(
     delta, accountant = cfg.target_delta, cfg.accountant
     privacy = PrivacyReport(
         event=event,
-        release=plan.release,
+        release=_run_release(ledger, plan.data_fingerprint, run_id),
         delta=delta,
         epsilon_run=ledger.run_epsilon(plan.data_fingerprint, run_id=run_id, delta=delta, accountant=accountant),
         epsilon_lifetime=ledger.lifetime_epsilon(plan.data_fingerprint, delta=delta, accountant=accountant),

@@ -99,6 +99,7 @@ class _Verifier:
         self.last_head: str | None = None
         self.last_round = -1
         self.site_events: dict[str, list[DPEvent]] = {}
+        self.site_release: dict[str, DPEvent] = {}  # each site's feature-mean release in this run, counted once
         self.site_epsilon: dict[str, float] = {}
         self.central_releases = 0
         self.central_epsilon: float | None = None
@@ -330,17 +331,20 @@ class _Verifier:
         """A site's epsilon for this run: at least what its recorded events compose to (a rejected round also spends)."""
         target = self.privacy.get("target_epsilon")
         event = DPEvent.from_json(privacy["event"])
-        spent = [DPEvent.from_json(privacy["feature_mean_release"])] if "feature_mean_release" in privacy else []
-        spent.append(event)
-        for each in spent:
-            if each.noise_multiplier < MIN_AUDITED_NOISE or each.steps > MAX_AUDITED_STEPS:
+        release = DPEvent.from_json(privacy["feature_mean_release"]) if "feature_mean_release" in privacy else None
+        for each in (event, release):
+            if each is not None and (each.noise_multiplier < MIN_AUDITED_NOISE or each.steps > MAX_AUDITED_STEPS):
                 # Such an event's epsilon is in the hundreds; recomputing it can take the accountant hours and gigabytes.
                 self.problem(where, f"round {number}, {name}: DP event with noise multiplier {each.noise_multiplier:g} and "
                                     f"{each.steps} steps, outside what is recomputed (noise multiplier >= {MIN_AUDITED_NOISE:g}, "
                                     f"steps <= {MAX_AUDITED_STEPS:,}): this site's privacy is unverified")
                 return
+        if release is not None and not self._one_release(where, number, name, release, event):
+            return
         events = self.site_events.setdefault(name, [])
-        events.extend(spent)
+        events.append(event)
+        if name in self.site_release:
+            events = [self.site_release[name], *events]
         expected = independent_epsilon(events, delta=privacy["delta"], accountant=event.accountant)
         reported = _number(privacy["epsilon_run"])
         self.report.epsilons_checked += 1
@@ -354,6 +358,19 @@ class _Verifier:
             self.problem(where, f"round {number}, {name}: epsilon {reported:.6g} exceeds the declared target {target:g}")
         if privacy["delta"] != self.privacy.get("target_delta"):
             self.problem(where, f"round {number}, {name}: delta {privacy['delta']!r} is not the declared {self.privacy.get('target_delta')!r}")
+
+    def _one_release(self, where: str, number: int, name: str, release: DPEvent, event: DPEvent) -> bool:
+        """A site's feature-mean release: the Gaussian mechanism once (rate 1, one step, the run's accountant), one a run."""
+        if release.sample_rate != 1.0 or release.steps != 1 or release.accountant != event.accountant:
+            self.problem(where, f"round {number}, {name}: the feature-mean release {release.to_json()} is not one Gaussian "
+                                f"release (sample rate 1, one step, accountant {event.accountant})")
+            return False
+        first = self.site_release.setdefault(name, release)
+        if first != release:
+            self.problem(where, f"round {number}, {name}: a second, different feature-mean release in this run "
+                                f"({release.to_json()}, after {first.to_json()})")
+            return False
+        return True
 
     def _client_level(self, where: str, number: int, rec: dict[str, Any], changed: bool) -> None:
         central = rec.get("central_privacy")

@@ -162,10 +162,11 @@ def short_repr(value: object, limit: int = 60) -> str:
 class PrivacyReport:
     """A site's record-level DP for one round: the events it ran and what it has spent.
 
-    ``event`` is the round's DP-SGD; ``release``, in the round that made it,
-    the Gaussian release of the site's feature mean (run-config
-    ``centre-features``: sample rate 1, one step, clip norm and noise of its
-    own). ``epsilon_run`` composes this run's events at this site;
+    ``event`` is the round's DP-SGD. ``release`` is the run's Gaussian release
+    of the site's feature mean (run-config ``centre-features``: sample rate 1,
+    one step, clip norm and noise of its own), carried by every reply from the
+    round that made it on, so that a lost reply hides nothing: it counts once
+    per site and run. ``epsilon_run`` composes this run's events at this site;
     ``epsilon_lifetime`` every event on the same data in the site's ledger,
     across runs.
     """
@@ -178,11 +179,6 @@ class PrivacyReport:
 
     _KEYS = ("noise-multiplier", "sample-rate", "steps", "max-grad-norm", "accountant", "delta", "epsilon-run", "epsilon-lifetime")
     _RELEASE_KEYS = ("feature-mean-noise-multiplier", "feature-mean-clip-norm")
-
-    @property
-    def events(self) -> tuple[DPEvent, ...]:
-        """This round's events, in the order they ran."""
-        return (self.event,) if self.release is None else (self.release, self.event)
 
     def to_record(self) -> ConfigRecord:
         """The PRIVACY_RECORD a train reply carries."""
@@ -230,7 +226,7 @@ class PrivacyReport:
         return cls(event, numbers["delta"], numbers["epsilon-run"], numbers["epsilon-lifetime"], release)
 
     def to_json(self) -> dict:
-        """As stored in a round record (``feature_mean_release`` only in the round that made one)."""
+        """As stored in a round record (``feature_mean_release`` from the round that made it on)."""
         stored = {"event": self.event.to_json(), "delta": self.delta, "epsilon_run": self.epsilon_run,
                   "epsilon_lifetime": self.epsilon_lifetime}
         return stored if self.release is None else {**stored, "feature_mean_release": self.release.to_json()}

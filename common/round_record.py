@@ -53,8 +53,8 @@ class SiteTrain:
     update_sha256: str | None = None
     update_l2_norm: float | None = None
     # record-level DP: {"event": {noise_multiplier, sample_rate, steps, max_grad_norm, accountant},
-    # "delta", "epsilon_run", "epsilon_lifetime"}, and "feature_mean_release" (an event of the same
-    # form) in the round a site released its feature mean (common.protocol.PrivacyReport.to_json)
+    # "delta", "epsilon_run", "epsilon_lifetime"}, and "feature_mean_release" (an event of the same form,
+    # counted once a run) from the round a site released its feature mean on (common.protocol.PrivacyReport.to_json)
     privacy: dict[str, Any] | None = None
     # the site's signature of this reply: {"public_key", "signature"} over common.protocol.receipt_payload
     receipt: dict[str, str] | None = None

@@ -56,6 +56,7 @@ class CheckedStrategy(Strategy):
         self.central = central
         self.require_privacy = require_privacy
         self._dp_events: dict[int, list[DPEvent]] = {}  # node -> the DP events of its accepted updates in this run
+        self._releases: dict[int, DPEvent] = {}  # node -> its feature-mean release in this run (counted once)
         self.layout = layout
         self.backbone_sha256 = backbone_sha256
         self.max_examples = max_examples
@@ -115,7 +116,9 @@ class CheckedStrategy(Strategy):
                 if understated:
                     self._problem(server_round, "train", msg, ReplyError([understated]))
                     continue
-                self._dp_events.setdefault(reply.node_id, []).extend(reply.privacy.events)
+                self._dp_events.setdefault(reply.node_id, []).append(reply.privacy.event)
+                if reply.privacy.release is not None:
+                    self._releases.setdefault(reply.node_id, reply.privacy.release)
             norm = update_l2_norm(reply.arrays, reference) if reference is not None else float("nan")
             unclipped = self._unclipped(norm)
             if unclipped:
@@ -175,7 +178,8 @@ class CheckedStrategy(Strategy):
         may be higher (a rejected round still spent budget), never lower.
         """
         privacy = reply.privacy
-        events = [*self._dp_events.get(reply.node_id, []), *privacy.events]
+        release = privacy.release or self._releases.get(reply.node_id)  # one a run, carried by every later reply
+        events = [*([release] if release else []), *self._dp_events.get(reply.node_id, []), privacy.event]
         floor = epsilon_spent(events, delta=privacy.delta, accountant=privacy.event.accountant)
         if privacy.epsilon_run < floor * (1 - 1e-6):
             return (

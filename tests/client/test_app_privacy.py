@@ -153,15 +153,15 @@ def test_a_centred_run_releases_its_feature_mean_once_and_ends_at_its_target(tmp
                           "target-epsilon": 6.0}
     replies = [_parse(model, app(_train(model, r), context), server_round=r).privacy for r in (1, 2)]
     release = replies[0].release
-    assert release == DPEvent(2.5, 1.0, 1, 40.0, "rdp") and replies[1].release is None
-    kept = tmp_path / "state" / "feature-centre" / "1.pt"
-    assert kept.is_file()
+    assert release == DPEvent(2.5, 1.0, 1, 40.0, "rdp")
+    assert replies[1].release == release  # every later reply carries it: a lost round-1 reply hides nothing
+    [kept] = (tmp_path / "state" / "feature-centre").glob("1-*.pt")  # named by the run and the data
     kept.unlink()  # lost between rounds: the site trains uncentred rather than release (and spend) again
     with _client_logs(caplog):
         replies.append(_parse(model, app(_train(model, 3), context), server_round=3).privacy)
     assert "trains on uncentred features rather than spend budget on it again" in caplog.text
-    assert replies[2].release is None and not kept.exists()
-    events = [release, *(p.event for p in replies)]
+    assert replies[2].release == release and not kept.exists()
+    events = [release, *(p.event for p in replies)]  # the release counted once
     assert len({e.noise_multiplier for e in events[1:]}) == 1  # one calibration for the run, release included
     assert replies[2].epsilon_run == pytest.approx(independent_epsilon(events, delta=1e-5), rel=1e-6)
     assert 6.0 * 0.99 <= replies[2].epsilon_run <= 6.0  # the release is inside the run's target
@@ -179,3 +179,14 @@ def test_a_site_with_too_few_images_for_a_useful_private_mean_releases_none(tmp_
     assert privacy.release is None and "1000 training images are too few" in caplog.text
     assert not (tmp_path / "state" / "feature-centre").exists()
     assert privacy.epsilon_run == pytest.approx(independent_epsilon([privacy.event], delta=1e-5), rel=1e-6)
+
+
+def test_a_release_that_would_spend_the_runs_budget_is_named(tmp_path):
+    from client.privacy_ledger import PrivacyLedger
+    from client.privacy_round import plan_round
+    from common.privacy import BudgetError
+
+    cfg = build_run_config({**RUN_CONFIG, "centre-features": True, "centre-noise-multiplier": 0.5})
+    with pytest.raises(BudgetError, match="feature-mean release \\(centre-noise-multiplier 0.5\\) alone spends epsilon"):
+        plan_round(cfg, num_examples=100_000, data_fingerprint="a" * 64, ledger=PrivacyLedger.in_state_dir(tmp_path),
+                   run_id="1", feature_dim=1280)

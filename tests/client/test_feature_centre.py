@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from client.feature_centre import CentredFeatures, centred_head, feature_mean, first_linear, keep_centre, read_kept_centre
+from client.feature_centre import CentredFeatures, CentringError, centred_head, feature_mean, first_linear, keep_centre, read_kept_centre
 from client.feature_source import CachedFeatures
 from common.errors import ConfigError
 from common.heads import build_head
@@ -63,12 +63,19 @@ def test_the_released_mean_clips_each_image_and_adds_the_calibrated_noise():
         feature_mean(source, noise_multiplier=1.0)
 
 
-def test_a_kept_mean_reads_back_and_a_damaged_one_is_none(tmp_path, caplog):
+def test_a_kept_mean_reads_back_and_a_damaged_or_misfit_one_is_none(tmp_path, caplog):
     path = tmp_path / "feature-centre" / "7.pt"
     keep_centre(path, torch.arange(4.0))
-    assert torch.equal(read_kept_centre(path), torch.arange(4.0))
-    path.write_bytes(b"not a tensor")
+    assert torch.equal(read_kept_centre(path, feature_dim=4), torch.arange(4.0))
     with caplog.at_level(logging.WARNING, logger="client.feature_centre"):
-        assert read_kept_centre(path) is None
-    assert "7.pt cannot be read" in caplog.text
-    assert read_kept_centre(tmp_path / "missing.pt") is None
+        assert read_kept_centre(path, feature_dim=5) is None  # another head's: never a shape error inside training
+        path.write_bytes(b"not a tensor")
+        assert read_kept_centre(path, feature_dim=4) is None
+    assert "not a finite vector of 5 features" in caplog.text and "7.pt cannot be read" in caplog.text
+    assert read_kept_centre(tmp_path / "missing.pt", feature_dim=4) is None
+
+
+def test_features_that_are_not_finite_have_no_mean_and_nothing_is_released():
+    bad = CachedFeatures([torch.tensor([[1.0, float("nan")], [2.0, 3.0]])], forwards=0, hits=1)
+    with pytest.raises(CentringError, match="not all finite"):
+        feature_mean(bad, clip=5.0, noise_multiplier=20.0, generator=torch.Generator())

@@ -131,3 +131,13 @@ def test_a_feature_mean_release_is_its_own_mechanism_in_the_sum(tmp_path):
         PrivacyLedger(ledger.path).load()
     with pytest.raises(LedgerError, match="mechanism"):
         PrivacyLedger(tmp_path / "other.json").record(DATA_A, run_id="r", server_round=1, event=release, mechanism="gossip")
+
+
+def test_a_release_recorded_once_a_run_is_not_recorded_twice(tmp_path):
+    release = DPEvent(20.0, 1.0, 1, 40.0, "rdp")
+    first = PrivacyLedger(tmp_path / LEDGER_FILE).load()
+    stale = PrivacyLedger(tmp_path / LEDGER_FILE).load()  # another process's view, read before the first recorded
+    assert first.record_once(DATA_A, run_id="r", server_round=1, event=release, mechanism=FEATURE_MEAN) is not None
+    assert stale.record_once(DATA_A, run_id="r", server_round=2, event=release, mechanism=FEATURE_MEAN) is None
+    assert stale.record_once(DATA_A, run_id="r2", server_round=1, event=release, mechanism=FEATURE_MEAN) is not None
+    assert [e.run_id for e in PrivacyLedger(tmp_path / LEDGER_FILE).load().entries(DATA_A)] == ["r", "r2"]

@@ -57,8 +57,7 @@ def signed_run(tmp_path_factory):
         releases = [RELEASE] if node == 22 else []
         events = [*releases, *[EVENT] * rounds_done[node]]
         epsilon = epsilon_spent(events, delta=cfg.target_delta, accountant="rdp")
-        release = releases[0] if releases and rounds_done[node] == 1 else None
-        privacy = PrivacyReport(EVENT, cfg.target_delta, epsilon, epsilon, release=release)
+        privacy = PrivacyReport(EVENT, cfg.target_delta, epsilon, epsilon, release=releases[0] if releases else None)
         arrays = ArrayRecord({k: Array(v.numpy() + np.float32(0.001 * node)) for k, v in msg.content["arrays"].items()})
         metrics = TrainMetrics(num_examples=100, train_loss=None, epochs_run=1, backbone_forwards_train=100,
                                backbone_forwards_eval=0, cache_hits=0, seconds=1.0)
@@ -204,6 +203,35 @@ def test_an_epsilon_that_leaves_out_a_recorded_feature_mean_release_is_named(sig
     problems = verify_run(run_dir, key=signed_run[1]).problems
     assert any(p.startswith(f"record {index} ") and "site-22: reported epsilon" in p and "its 2 recorded DP events" in p
                for p in problems), problems
+
+
+@pytest.mark.parametrize("change, named", [
+    (lambda release: release.update(noise_multiplier=6.0), "a second, different feature-mean release"),
+    (lambda release: release.update(steps=3), "is not one Gaussian release"),
+    (lambda release: release.clear(), "malformed record"),
+])
+def test_a_feature_mean_release_is_one_gaussian_release_a_run(signed_run, tmp_path, change, named):
+    run_dir = _copy(signed_run, tmp_path)
+    records = _records(run_dir)
+    index = _first_round(records) + 1  # round 2 (or its evaluate record): the first round's release stands
+    while records[index]["kind"] != "round":
+        index += 1
+    change(records[index]["content"]["record"]["sites"]["site-22"]["train"]["privacy"]["feature_mean_release"])
+    _resign(records, load_or_create_key(signed_run[2] / "keys" / "server-audit.pem"))
+    _write(run_dir, records)
+    problems = verify_run(run_dir, key=signed_run[1]).problems
+    assert any(p.startswith(f"record {index} ") and named in p for p in problems), problems
+
+
+def test_a_server_that_strips_a_sites_release_breaks_the_sites_signature(signed_run, tmp_path):
+    run_dir = _copy(signed_run, tmp_path)
+    records = _records(run_dir)
+    index = _first_round(records)
+    del records[index]["content"]["record"]["sites"]["site-22"]["train"]["privacy"]["feature_mean_release"]
+    _resign(records, load_or_create_key(signed_run[2] / "keys" / "server-audit.pem"))
+    _write(run_dir, records)
+    problems = verify_run(run_dir, key=signed_run[1]).problems
+    assert any(p.startswith(f"record {index} ") and "site-22: the site's signature does not match" in p for p in problems)
 
 
 def test_a_log_re_signed_by_another_key_disagrees_with_the_run_folders_server_pub(signed_run, tmp_path):

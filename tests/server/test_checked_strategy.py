@@ -145,6 +145,28 @@ def test_a_site_understating_its_epsilon_is_rejected(model):
     assert {p.node_id for p in record.problems if "compose to" in p.reasons[0]} == {2, 3}
 
 
+def test_a_privacy_record_with_half_a_release_is_rejected(model):
+    from common.privacy import DPEvent, epsilon_spent
+    from common.protocol import PrivacyReport
+
+    recorder = RoundRecorder(strategy="test")
+    strategy = CheckedStrategy(
+        FedAvg(), layout=trainable_layout(model.trainable), backbone_sha256=model.weights_sha256,
+        max_examples=1000, recorder=recorder, require_privacy=True,
+    )
+    strategy.configure_train(1, to_arrayrecord(model.trainable), ConfigRecord(), ScriptedGrid([1], lambda m: None))
+    event, release = DPEvent(1.2, 0.05, 40, 1.0, "rdp"), DPEvent(20.0, 1.0, 1, 40.0, "rdp")
+    spent = epsilon_spent([release, event], delta=1e-5, accountant="rdp")
+    arrays = ArrayRecord({"head.weight": Array(np.ones((10, 1280), np.float32)), "head.bias": Array(np.zeros(10, np.float32))})
+    content = build_train_content(arrays, _metrics(10), SiteInfo("site-1", model.weights_sha256),
+                                  PrivacyReport(event, 1e-5, spent, spent, release=release))
+    del content["privacy"]["feature-mean-clip-norm"]
+    strategy.aggregate_train(1, [Message(content=content, reply_to=_request(1))])
+    record = recorder.finish(1, central_eval=None)
+    assert record.aggregated_sites == []
+    assert "unexpected ['feature-mean-noise-multiplier']" in record.problems[0].reasons[0]
+
+
 def test_enrolled_sites_are_named_by_the_enrolment_not_by_their_replies(model):
     enrolled = {1: "oslo", 2: "bergen", 3: "tromso"}
     strategy, recorder = _strategy(model, enrolled=enrolled)
