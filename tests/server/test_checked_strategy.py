@@ -154,7 +154,8 @@ def test_a_privacy_record_with_half_a_release_is_rejected(model):
         FedAvg(), layout=trainable_layout(model.trainable), backbone_sha256=model.weights_sha256,
         max_examples=1000, recorder=recorder, require_privacy=True,
     )
-    strategy.configure_train(1, to_arrayrecord(model.trainable), ConfigRecord(), ScriptedGrid([1], lambda m: None))
+    # FedAvg waits for 2 nodes before it samples
+    strategy.configure_train(1, to_arrayrecord(model.trainable), ConfigRecord(), ScriptedGrid([1, 2], lambda m: None))
     event, release = DPEvent(1.2, 0.05, 40, 1.0, "rdp"), DPEvent(20.0, 1.0, 1, 40.0, "rdp")
     spent = epsilon_spent([release, event], delta=1e-5, accountant="rdp")
     arrays = ArrayRecord({"head.weight": Array(np.ones((10, 1280), np.float32)), "head.bias": Array(np.zeros(10, np.float32))})
