@@ -174,7 +174,7 @@ def read_kept_centre(path: Path, *, feature_dim: int) -> torch.Tensor | None:
     return centre
 
 
-def keep_centre(path: Path, centre: torch.Tensor, *, stale_days: float = 7) -> None:
+def keep_centre(path: Path, centre: torch.Tensor, *, stale_days: float) -> None:
     """Write the feature mean to ``path`` atomically, for the run's later rounds.
 
     Other runs' kept means beside it untouched for ``stale_days`` days belong to

@@ -154,10 +154,10 @@ def _read_optimizer_state(path: Path | None) -> dict | None:
         return None
 
 
-def _remove_stale(kept: Path, what: str) -> None:
-    """Remove the other runs' files beside ``kept`` (``what`` they hold) untouched for OPTIMIZER_STATE_DAYS days."""
+def _remove_stale_states(kept: Path) -> None:
+    """Remove the other runs' optimizer states beside ``kept`` not written for OPTIMIZER_STATE_DAYS days."""
     for path in remove_stale_siblings(kept, "*.pt", days=OPTIMIZER_STATE_DAYS):
-        log.info("removed %s, the %s of a run that ended (untouched for %d days)", path.name, what, OPTIMIZER_STATE_DAYS)
+        log.info("removed %s, the optimizer state of a run that ended (untouched for %d days)", path.name, OPTIMIZER_STATE_DAYS)
 
 
 def _run_centre(
@@ -217,7 +217,7 @@ def train_round_privately(
         raise ValueError("a centred round needs the centre_file its run keeps the released mean in")
     generator = secret_generator()
     centre = None
-    if plan.centred and centre_file is not None:
+    if plan.centred:
         feature_dim = first_linear(trainable).in_features  # a head that cannot be centred fails before any release
         centre = _run_centre(source, cfg, plan=plan, ledger=ledger, run_id=run_id, server_round=server_round,
                              centre_file=centre_file, feature_dim=feature_dim, generator=generator)
@@ -235,7 +235,7 @@ def train_round_privately(
     if optimizer_state_file is not None and report.optimizer_state is not None:
         with atomic_path(optimizer_state_file) as tmp:
             torch.save(report.optimizer_state, tmp)
-        _remove_stale(optimizer_state_file, "optimizer state")
+        _remove_stale_states(optimizer_state_file)
     ledger.record(plan.data_fingerprint, run_id=run_id, server_round=server_round, event=event)
     delta, accountant = cfg.target_delta, cfg.accountant
     privacy = PrivacyReport(

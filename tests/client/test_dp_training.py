@@ -253,7 +253,7 @@ def test_a_damaged_optimizer_state_file_costs_only_the_momentum(tmp_path, caplog
 
 
 def test_optimizer_states_of_runs_that_ended_are_removed_and_live_ones_kept(tmp_path):
-    from client.privacy_round import OPTIMIZER_STATE_DAYS, _remove_stale
+    from client.privacy_round import OPTIMIZER_STATE_DAYS, _remove_stale_states
 
     kept, live, ended = (tmp_path / f"{name}.pt" for name in ("this-run", "other-run", "ended-run"))
     for path in (kept, live, ended):
@@ -261,5 +261,5 @@ def test_optimizer_states_of_runs_that_ended_are_removed_and_live_ones_kept(tmp_
     old = time.time() - (OPTIMIZER_STATE_DAYS + 1) * 86400
     os.utime(ended, (old, old))
     os.utime(kept, (old, old))  # the run being written is never removed
-    _remove_stale(kept, "optimizer state")
+    _remove_stale_states(kept)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other-run.pt", "this-run.pt"]

@@ -65,7 +65,7 @@ def test_the_released_mean_clips_each_image_and_adds_the_calibrated_noise():
 
 def test_a_kept_mean_reads_back_and_a_damaged_or_misfit_one_is_none(tmp_path, caplog):
     path = tmp_path / "feature-centre" / "7.pt"
-    keep_centre(path, torch.arange(4.0))
+    keep_centre(path, torch.arange(4.0), stale_days=7)
     assert torch.equal(read_kept_centre(path, feature_dim=4), torch.arange(4.0))
     with caplog.at_level(logging.WARNING, logger="client.feature_centre"):
         assert read_kept_centre(path, feature_dim=5) is None  # another head's: never a shape error inside training
